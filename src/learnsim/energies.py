@@ -1,0 +1,137 @@
+"""Energies: data terms (SSD, LCC), the L2 gradient regulariser and the low-rank Gaussian entropy.
+
+Functional forms first (plain functions on tensors), thin ``nn.Module`` wrappers after them. All energies are
+**sums** over voxels (as in the paper), returned per batch element as ``[B]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from learnsim.spatial import separable_filter
+
+__all__ = [
+    "ssd",
+    "lcc",
+    "lcc_terms",
+    "l2_gradient_energy",
+    "low_rank_entropy",
+    "entropy_constant",
+    "SSD",
+    "LCC",
+    "RegLossL2",
+]
+
+
+def _apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x * mask
+
+
+def ssd(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Sum of squared differences ``0.5 * sum_mask (F - M o phi)^2``.
+
+    Args:
+        fixed: ``[B, C, D, H, W]`` (or broadcastable to ``warped``), intensities or feature maps.
+        warped: ``[B, C, D, H, W]``.
+        mask: ``[B, 1, D, H, W]`` 0/1 weights or None (all voxels).
+    Returns:
+        ``[B]``.
+    """
+    diff = (fixed - warped) ** 2
+    return 0.5 * _apply_mask(diff, mask).flatten(1).sum(1)
+
+
+def lcc_terms(fixed: Tensor, warped: Tensor, radius: int = 1, kernel: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Voxel-wise ``cross^2 / (var_F * var_M + eps)`` of the local cross-correlation, ``[B, C, D, H, W]``.
+
+    Window ``(2 radius + 1)^3`` with replicate padding. Window *sums* give cross and variances, window *means*
+    give the centring: ``cross = sum(F M) - n mean(F) mean(M)``, ``var_F = sum(F^2) - n mean(F)^2``.
+
+    Args:
+        kernel: optional 1D window of length ``2 radius + 1`` (ones by default; a learnt window for CNN_LCC).
+    """
+    size = 2 * radius + 1
+    if kernel is None:
+        kernel = torch.ones(size, device=fixed.device, dtype=fixed.dtype)
+    if kernel.numel() != size:
+        raise ValueError(f"lcc: kernel length {kernel.numel()} != 2*radius+1 = {size}")
+    n = kernel.sum() ** 3
+    if fixed.shape[0] != warped.shape[0]:
+        fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
+    # one batched filter call over the five statistics
+    c = fixed.shape[1]
+    stats = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    sums = separable_filter(stats, kernel)
+    s_f, s_m, s_ff, s_mm, s_fm = sums.split(c, dim=1)
+    mean_f, mean_m = s_f / n, s_m / n
+    cross = s_fm - n * mean_f * mean_m
+    var_f = s_ff - n * mean_f * mean_f
+    var_m = s_mm - n * mean_m * mean_m
+    return cross * cross / (var_f * var_m + eps)
+
+
+def lcc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, radius: int = 1, kernel: Tensor | None = None) -> Tensor:
+    """Local cross-correlation energy ``-sum_mask cross^2 / (var_F var_M + 1e-5)``; ``[B]``."""
+    return -_apply_mask(lcc_terms(fixed, warped, radius, kernel), mask).flatten(1).sum(1)
+
+
+def l2_gradient_energy(v: Tensor, w_reg: float) -> Tensor:
+    """``0.5 * w_reg * sum`` of squared forward differences of all components along all axes; ``[B]``."""
+    total = sum((torch.diff(v, dim=a) ** 2).flatten(1).sum(1) for a in (2, 3, 4))
+    return 0.5 * w_reg * total
+
+
+def low_rank_entropy(log_var: Tensor, u: Tensor) -> Tensor:
+    """Entropy of ``N(mu, diag(sigma^2) + U U^T)`` up to its additive constant: ``0.5 log det Sigma``.
+
+    By the matrix determinant lemma ``log det Sigma = sum log sigma^2 + log det(I_r + U^T diag(sigma^-2) U)``;
+    for rank 1 the second term is ``log(1 + sum (u / sigma)^2)``.
+
+    Args:
+        log_var: ``[B, *event]`` log of the diagonal variances.
+        u: ``[B, r, *event]`` low-rank factors (rank ``r``).
+    Returns:
+        ``[B]``. The full entropy is this plus ``0.5 * n * (1 + log 2 pi)`` with ``n`` the event size.
+    """
+    b, r = u.shape[:2]
+    scaled = (u * torch.exp(-0.5 * log_var).unsqueeze(1)).reshape(b, r, -1)
+    capacitance = torch.eye(r, device=u.device, dtype=u.dtype) + scaled @ scaled.transpose(1, 2)
+    return 0.5 * (log_var.flatten(1).sum(1) + torch.logdet(capacitance))
+
+
+def entropy_constant(numel: int) -> float:
+    """The constant ``0.5 * n * (1 + log 2 pi)`` dropped by :func:`low_rank_entropy`."""
+    return 0.5 * numel * (1.0 + math.log(2 * math.pi))
+
+
+class SSD(nn.Module):
+    """SSD data term as a module: ``forward(fixed, warped, mask) -> [B]``."""
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return ssd(fixed, warped, mask)
+
+
+class LCC(nn.Module):
+    """LCC data term as a module with window radius ``s`` (1 in the original: 3x3x3)."""
+
+    def __init__(self, radius: int = 1) -> None:
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return lcc(fixed, warped, mask, self.radius)
+
+
+class RegLossL2(nn.Module):
+    """The original ``RegLoss_L2`` with ``GradientOperator``: ``0.5 * w_reg * ||grad v||^2``."""
+
+    def __init__(self, w_reg: float = 1.8) -> None:
+        super().__init__()
+        self.w_reg = float(w_reg)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return l2_gradient_energy(v, self.w_reg)

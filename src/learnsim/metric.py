@@ -1,0 +1,140 @@
+"""Similarity metrics: the baselines (SSD, LCC) and the learnt CNN_SSD / CNN_LCC of the paper.
+
+A metric maps both images through a feature extractor ``a(.)`` with shared weights and compares the feature
+maps with SSD or LCC: ``E(F, M o phi) = SSD(a(F), a(M o phi))`` (or LCC). ``a`` is the identity for the
+baselines (``learnable=False``) and a 3D convolutional encoder plus a 1x1 aggregation layer for the learnt ones.
+
+The metric is split into :meth:`SimilarityMetric.features` and :meth:`SimilarityMetric.energy_from_features` so
+that the registration loop computes the fixed image's features once (the metric is frozen while q_v is fitted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from learnsim.energies import lcc, ssd
+
+__all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNLCC", "build_metric"]
+
+
+class FeatureEncoder(nn.Module):
+    """3D conv encoder, stride 1, no down-sampling, replicate padding, LeakyReLU, then a 1x1 aggregation layer.
+
+    ``[B, 1, D, H, W] -> [B, 1, D, H, W]``. With :meth:`dirac_init_` it starts as the identity on non-negative
+    inputs (each conv passes the input through its centre tap, LeakyReLU is the identity on ``x >= 0``, and the
+    aggregation sums the channels back).
+
+    Args:
+        no_features: output channels of each conv block ([4, 8, 8] in the original).
+        negative_slope: LeakyReLU slope (0.2).
+        kernel_size: conv kernel size (3).
+        init_noise: scale of the off-centre taps at initialisation (1e-7): breaks the channels' symmetry
+            while keeping the metric equal to its baseline to ~1e-6.
+    """
+
+    def __init__(
+        self,
+        no_features: Sequence[int] = (4, 8, 8),
+        negative_slope: float = 0.2,
+        kernel_size: int = 3,
+        init_noise: float = 1e-7,
+    ) -> None:
+        super().__init__()
+        if not no_features:
+            raise ValueError("FeatureEncoder: no_features must be non-empty")
+        chans = [1, *[int(c) for c in no_features]]
+        self.convs = nn.ModuleList(
+            nn.Conv3d(cin, cout, kernel_size, padding=kernel_size // 2, padding_mode="replicate")
+            for cin, cout in zip(chans[:-1], chans[1:], strict=True)
+        )
+        self.act = nn.LeakyReLU(negative_slope)
+        self.aggregation = nn.Conv3d(chans[-1], 1, kernel_size=1, bias=False)
+        self.init_noise = init_noise
+        self.dirac_init_()
+
+    @torch.no_grad()
+    def dirac_init_(self) -> None:
+        """Dirac-delta initialisation: centre taps ``1 / C_out`` (summing to 1 over output channels)."""
+        for conv in self.convs:
+            w = conv.weight
+            c_out = w.shape[0]
+            w.normal_(0.0, self.init_noise) if self.init_noise > 0 else w.zero_()
+            centre = tuple(k // 2 for k in w.shape[2:])
+            w[(slice(None), slice(None), *centre)] = 1.0 / c_out
+            conv.bias.zero_()
+        self.aggregation.weight.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.aggregation(x)
+
+
+class SimilarityMetric(nn.Module):
+    """Base class: ``forward(fixed, warped, mask) -> energy [B]`` (lower is more similar).
+
+    Args:
+        learnable: False gives the plain baseline (features are the images themselves).
+        no_features, activation slope: see :class:`FeatureEncoder`.
+    """
+
+    def __init__(self, learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
+                 init_noise: float = 1e-7) -> None:
+        super().__init__()
+        self.learnable = bool(learnable)
+        self.encoder = FeatureEncoder(no_features, negative_slope, init_noise=init_noise) if learnable else None
+
+    def features(self, image: Tensor) -> Tensor:
+        """``a(image)``: ``[B, 1, D, H, W] -> [B, 1, D, H, W]``."""
+        return image if self.encoder is None else self.encoder(image)
+
+    def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.energy_from_features(self.features(fixed), self.features(warped), mask)
+
+
+class CNNSSD(SimilarityMetric):
+    """CNN_SSD: ``0.5 * sum_mask (a(F) - a(M o phi))^2``."""
+
+    def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return ssd(feat_fixed, feat_warped, mask)
+
+
+class CNNLCC(SimilarityMetric):
+    """CNN_LCC: LCC between the feature maps, window ``(2 radius + 1)^3``.
+
+    Args:
+        radius: window half-width (1: 3x3x3 as in the original).
+        learnable_window: also learn the (separable) window weights, initialised to ones.
+    """
+
+    def __init__(self, learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
+                 init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False) -> None:
+        super().__init__(learnable, no_features, negative_slope, init_noise)
+        self.radius = int(radius)
+        window = torch.ones(2 * self.radius + 1)
+        if learnable and learnable_window:
+            self.window = nn.Parameter(window)
+        else:
+            self.register_buffer("window", window, persistent=False)
+
+    def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        window = F.relu(self.window) + 1e-6 if isinstance(self.window, nn.Parameter) else None
+        return lcc(feat_fixed, feat_warped, mask, self.radius, window)
+
+
+def build_metric(kind: str, **kwargs) -> SimilarityMetric:
+    """``"ssd"``/``"cnn_ssd"`` or ``"lcc"``/``"cnn_lcc"`` -> metric; the plain names are baselines."""
+    kind = kind.lower()
+    if kind in ("ssd", "lcc"):
+        kwargs["learnable"] = False
+    cls = {"ssd": CNNSSD, "cnn_ssd": CNNSSD, "lcc": CNNLCC, "cnn_lcc": CNNLCC}.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown metric {kind!r}; expected one of ssd, lcc, cnn_ssd, cnn_lcc")
+    return cls(**kwargs)
