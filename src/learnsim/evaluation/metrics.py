@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+from scipy import ndimage
 from torch import Tensor
 
 from learnsim.spatial import jacobian_det
@@ -77,7 +78,11 @@ _NAN = float("nan")
 
 
 def _as_affine(affine: Tensor | np.ndarray) -> np.ndarray:
-    a = affine.detach().cpu().double().numpy() if isinstance(affine, Tensor) else np.asarray(affine, dtype=np.float64)
+    a = (
+        affine.detach().cpu().double().numpy()
+        if isinstance(affine, Tensor)
+        else np.asarray(affine, dtype=np.float64)
+    )
     if a.shape != (4, 4):
         raise ValueError(f"affine must be 4x4 (voxel -> mm); got shape {a.shape}")
     return a
@@ -102,16 +107,24 @@ def _check_seg(seg: Tensor, name: str, fn: str) -> Tensor:
     return seg
 
 
-def _bbox(mask: Tensor, margin: int = 1) -> tuple[slice, slice, slice]:
-    """Bounding box of a non-empty boolean ``[D, H, W]`` mask, grown by ``margin`` and clipped to the grid."""
-    sl = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = torch.nonzero(mask.any(dim=other), as_tuple=False).flatten()
-        lo = max(int(idx[0]) - margin, 0)
-        hi = min(int(idx[-1]) + margin + 1, mask.shape[axis])
-        sl.append(slice(lo, hi))
-    return sl[0], sl[1], sl[2]
+def _label_boxes(seg: np.ndarray, labels: Sequence[int]) -> list[tuple[slice, ...] | None]:
+    """Bounding box of each label in one pass over the volume (``None`` where the label is absent)."""
+    top = max(int(max(labels)), 0)
+    lut = np.zeros(top + 2, dtype=np.int32)
+    for i, label in enumerate(labels):
+        if label >= 0:
+            lut[int(label)] = i + 1
+    idx = lut[np.clip(seg, 0, top + 1)]  # ids outside the lookup (incl. > top) map to 0 via the spare slot
+    return list(ndimage.find_objects(idx, max_label=len(labels)))
+
+
+def _union_box(
+    a: tuple[slice, ...], b: tuple[slice, ...], shape: Sequence[int], margin: int = 1
+) -> tuple[slice, ...]:
+    return tuple(
+        slice(max(min(sa.start, sb.start) - margin, 0), min(max(sa.stop, sb.stop) + margin, n))
+        for sa, sb, n in zip(a, b, shape, strict=True)
+    )
 
 
 def structure_metrics(
@@ -137,44 +150,53 @@ def structure_metrics(
     pred = _check_seg(warped_seg, "warped_seg", fn)
     ref = _check_seg(fixed_seg, "fixed_seg", fn)
     if pred.shape != ref.shape:
-        raise ValueError(f"{fn}: warped_seg {tuple(pred.shape)} and fixed_seg {tuple(ref.shape)} differ in shape")
+        raise ValueError(
+            f"{fn}: warped_seg {tuple(pred.shape)} and fixed_seg {tuple(ref.shape)} differ in shape"
+        )
     if len(spacing) != 3:
         raise ValueError(f"{fn}: spacing must have 3 entries (D, H, W); got {list(spacing)}")
     sp = [float(s) for s in spacing]
-    pred, ref = pred.cpu(), ref.cpu()
+    label_list = [int(label) for label in labels]
+    pred_np = pred.detach().cpu().numpy()
+    ref_np = ref.detach().cpu().numpy()
     out: dict[int, dict[str, float]] = {}
-    for label in list(labels):
-        a = pred == int(label)
-        b = ref == int(label)
-        has_a, has_b = bool(a.any()), bool(b.any())
+    if not label_list:
+        return out
+    # One pass per volume for all bounding boxes; each structure is then handled inside its own small box (MONAI
+    # crops again and zero-pads, so cropping with a margin of 1 leaves every metric unchanged).
+    boxes_pred = _label_boxes(pred_np, label_list)
+    boxes_ref = _label_boxes(ref_np, label_list)
+    for label, box_a, box_b in zip(label_list, boxes_pred, boxes_ref, strict=True):
         row = {"dsc": _NAN, "asd_mm": _NAN, "hd95_mm": _NAN}
-        if not has_b:
-            out[int(label)] = row
+        out[label] = row
+        if box_b is None:
             continue
-        if not has_a:
+        if box_a is None:
             row["dsc"] = 0.0
-            out[int(label)] = row
             continue
-        # Crop to the union's box (margin 1): MONAI crops again and zero-pads, so the result is unchanged, but the
-        # one-hot tensors and the boundary extraction stay structure-sized instead of 128^3.
-        box = _bbox(a | b)
-        ya = a[box][None, None].float()
-        yb = b[box][None, None].float()
+        box = _union_box(box_a, box_b, pred_np.shape)
+        ya = torch.from_numpy(pred_np[box] == label)[None, None].float()
+        yb = torch.from_numpy(ref_np[box] == label)[None, None].float()
         row["dsc"] = float(compute_dice(ya, yb, include_background=True, ignore_empty=True)[0, 0])
         if surface:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 row["asd_mm"] = float(
-                    compute_average_surface_distance(ya, yb, include_background=True, symmetric=True, spacing=sp)[0, 0]
+                    compute_average_surface_distance(
+                        ya, yb, include_background=True, symmetric=True, spacing=sp
+                    )[0, 0]
                 )
                 row["hd95_mm"] = float(
-                    compute_hausdorff_distance(ya, yb, include_background=True, percentile=95, spacing=sp)[0, 0]
+                    compute_hausdorff_distance(ya, yb, include_background=True, percentile=95, spacing=sp)[
+                        0, 0
+                    ]
                 )
-        out[int(label)] = row
     return out
 
 
-def dice_per_structure(warped_seg: Tensor, fixed_seg: Tensor, labels: Sequence[int] | Mapping[int, str]) -> dict[int, float]:
+def dice_per_structure(
+    warped_seg: Tensor, fixed_seg: Tensor, labels: Sequence[int] | Mapping[int, str]
+) -> dict[int, float]:
     """DSC only (cheap): ``{label: dsc}`` with the same absent-structure rules as :func:`structure_metrics`."""
     res = structure_metrics(warped_seg, fixed_seg, labels, (1.0, 1.0, 1.0), surface=False)
     return {k: v["dsc"] for k, v in res.items()}
@@ -236,7 +258,9 @@ def sdlogj(detj: Tensor, mask: Tensor | None = None) -> Tensor:
     out = []
     for b in range(detj.shape[0]):
         vals = detj[b][valid[b]].double()
-        out.append(torch.log(vals).std(correction=0) if vals.numel() > 0 else torch.tensor(_NAN, dtype=torch.float64))
+        out.append(
+            torch.log(vals).std(correction=0) if vals.numel() > 0 else torch.tensor(_NAN, dtype=torch.float64)
+        )
     return torch.stack(out).cpu()
 
 
