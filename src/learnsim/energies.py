@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learnsim.spatial import separable_filter
@@ -111,19 +110,33 @@ def entropy_constant(numel: int) -> float:
 class SSD(nn.Module):
     """SSD data term as a module: ``forward(fixed, warped, mask) -> [B]``."""
 
+    radius = 0
+
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
         return ssd(fixed, warped, mask)
 
 
 class LCC(nn.Module):
-    """LCC data term as a module with window radius ``s`` (1 in the original: 3x3x3)."""
+    """LCC data term as a module with window radius ``s`` (1 in the original: 3x3x3).
 
-    def __init__(self, radius: int = 1) -> None:
+    Args:
+        radius: window half-width.
+        learnable_window: learn the separable window weights (initialised to ones; kept positive).
+    """
+
+    def __init__(self, radius: int = 1, learnable_window: bool = False) -> None:
         super().__init__()
-        self.radius = radius
+        self.radius = int(radius)
+        self.learnable_window = bool(learnable_window)
+        window = torch.ones(2 * self.radius + 1)
+        if self.learnable_window:
+            self.window = nn.Parameter(window)
+        else:
+            self.register_buffer("window", window, persistent=False)
 
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return lcc(fixed, warped, mask, self.radius)
+        window = self.window.clamp_min(1e-3) if self.learnable_window else None
+        return lcc(fixed, warped, mask, self.radius, window)
 
 
 class RegLossL2(nn.Module):

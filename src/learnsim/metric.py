@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learnsim.energies import lcc, ssd
+from learnsim.energies import LCC, SSD
 
 __all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNLCC", "build_metric"]
 
@@ -75,66 +74,79 @@ class FeatureEncoder(nn.Module):
 
 
 class SimilarityMetric(nn.Module):
-    """Base class: ``forward(fixed, warped, mask) -> energy [B]`` (lower is more similar).
+    """``E(F, M o phi) = energy(a(F), a(M o phi))``; ``forward(fixed, warped, mask) -> [B]`` (lower = more similar).
 
     Args:
-        learnable: False gives the plain baseline (features are the images themselves).
-        no_features, activation slope: see :class:`FeatureEncoder`.
+        energy: the data term on feature maps, :class:`~learnsim.energies.SSD` or :class:`~learnsim.energies.LCC`
+            (the original ``data_loss``).
+        learnable: False gives the plain baseline (``a`` is the identity; nothing to learn).
+        no_features, negative_slope, init_noise: see :class:`FeatureEncoder` (the original ``model.args``).
     """
 
-    def __init__(self, learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
-                 init_noise: float = 1e-7) -> None:
+    def __init__(
+        self,
+        energy: nn.Module,
+        learnable: bool = True,
+        no_features: Sequence[int] = (4, 8, 8),
+        negative_slope: float = 0.2,
+        init_noise: float = 1e-7,
+    ) -> None:
         super().__init__()
+        if not isinstance(energy, (SSD, LCC)):
+            raise TypeError(f"SimilarityMetric: energy must be learnsim.energies.SSD or LCC; got {type(energy).__name__}")
+        self.energy = energy
         self.learnable = bool(learnable)
         self.encoder = FeatureEncoder(no_features, negative_slope, init_noise=init_noise) if learnable else None
+        # enough to rebuild the metric from a checkpoint without Hydra (see learnsim.api.load_metric)
+        self.spec: dict = {
+            "kind": ("cnn_" if self.learnable else "") + ("lcc" if isinstance(energy, LCC) else "ssd"),
+            "learnable": self.learnable,
+            "no_features": [int(c) for c in no_features],
+            "negative_slope": float(negative_slope),
+        }
+        if isinstance(energy, LCC):
+            self.spec.update(radius=energy.radius, learnable_window=energy.learnable_window)
+
+    @property
+    def name(self) -> str:
+        return self.spec["kind"]
 
     def features(self, image: Tensor) -> Tensor:
         """``a(image)``: ``[B, 1, D, H, W] -> [B, 1, D, H, W]``."""
         return image if self.encoder is None else self.encoder(image)
 
     def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """Energy ``[B]`` between precomputed feature maps."""
+        return self.energy(feat_fixed, feat_warped, mask)
 
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.energy_from_features(self.features(fixed), self.features(warped), mask)
 
 
-class CNNSSD(SimilarityMetric):
+def CNNSSD(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
+           init_noise: float = 1e-7) -> SimilarityMetric:
     """CNN_SSD: ``0.5 * sum_mask (a(F) - a(M o phi))^2``."""
-
-    def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return ssd(feat_fixed, feat_warped, mask)
+    return SimilarityMetric(SSD(), learnable, no_features, negative_slope, init_noise)
 
 
-class CNNLCC(SimilarityMetric):
-    """CNN_LCC: LCC between the feature maps, window ``(2 radius + 1)^3``.
-
-    Args:
-        radius: window half-width (1: 3x3x3 as in the original).
-        learnable_window: also learn the (separable) window weights, initialised to ones.
-    """
-
-    def __init__(self, learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
-                 init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False) -> None:
-        super().__init__(learnable, no_features, negative_slope, init_noise)
-        self.radius = int(radius)
-        window = torch.ones(2 * self.radius + 1)
-        if learnable and learnable_window:
-            self.window = nn.Parameter(window)
-        else:
-            self.register_buffer("window", window, persistent=False)
-
-    def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        window = F.relu(self.window) + 1e-6 if isinstance(self.window, nn.Parameter) else None
-        return lcc(feat_fixed, feat_warped, mask, self.radius, window)
+def CNNLCC(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
+           init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False) -> SimilarityMetric:
+    """CNN_LCC: LCC between the feature maps, window ``(2 radius + 1)^3`` (optionally learnt)."""
+    return SimilarityMetric(LCC(radius, learnable_window and learnable), learnable, no_features, negative_slope, init_noise)
 
 
 def build_metric(kind: str, **kwargs) -> SimilarityMetric:
-    """``"ssd"``/``"cnn_ssd"`` or ``"lcc"``/``"cnn_lcc"`` -> metric; the plain names are baselines."""
+    """``"ssd"``/``"cnn_ssd"`` or ``"lcc"``/``"cnn_lcc"`` -> metric; the plain names are baselines.
+
+    ``build_metric(**metric.spec)`` rebuilds an equivalent (untrained) metric.
+    """
     kind = kind.lower()
     if kind in ("ssd", "lcc"):
         kwargs["learnable"] = False
-    cls = {"ssd": CNNSSD, "cnn_ssd": CNNSSD, "lcc": CNNLCC, "cnn_lcc": CNNLCC}.get(kind)
-    if cls is None:
+    factory = {"ssd": CNNSSD, "cnn_ssd": CNNSSD, "lcc": CNNLCC, "cnn_lcc": CNNLCC}.get(kind)
+    if factory is None:
         raise ValueError(f"unknown metric {kind!r}; expected one of ssd, lcc, cnn_ssd, cnn_lcc")
-    return cls(**kwargs)
+    if factory is CNNSSD:
+        kwargs.pop("radius", None)
+        kwargs.pop("learnable_window", None)
+    return factory(**kwargs)

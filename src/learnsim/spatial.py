@@ -142,10 +142,16 @@ def integrate_svf(v: Tensor, no_steps: int = 12) -> Tensor:
     _check_field(v, "v")
     if no_steps < 0:
         raise ValueError(f"integrate_svf: no_steps must be >= 0; got {no_steps}")
-    disp = v / (2.0**no_steps)
+    shape = v.shape[2:]
+    ident, scale = _grid_constants(shape, v.device, v.dtype)
+    # Work in grid_sample's normalised (x, y, z) units for the whole loop: one conversion in, one out, and
+    # each squaring is then one add (the grid), one grid_sample and one add.
+    to_norm = (scale / 2.0**no_steps).flip(0).view(1, 3, 1, 1, 1)  # channel c of v is axis (D, H, W)[c]
+    disp = (v * to_norm).flip(1)  # channels now (x, y, z)
     for _ in range(no_steps):
-        disp = disp + warp(disp, disp)
-    return disp
+        grid = ident + disp.permute(0, 2, 3, 4, 1)
+        disp = disp + F.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return (disp.flip(1) / scale.flip(0).view(1, 3, 1, 1, 1))
 
 
 def jacobian_det(disp: Tensor) -> Tensor:

@@ -1,0 +1,339 @@
+r"""LearnSimModule: learning the similarity metric jointly with each pair's q_v (manual optimisation).
+
+Three optimisers, in this order: ``q_f`` (image distribution), ``q_phi`` (metric weights), ``q_v`` (per-pair
+velocity posteriors). Each training step
+
+1. loads the batch's q_v from the per-pair state store (warm start across epochs; fresh on the first epoch),
+2. fits q_v for ``no_iters_q_v`` Adam steps with the metric frozen (:class:`~learnsim.registration.VariationalRegistration`),
+3. stores q_v back (asynchronously), and
+4. takes one step of q_phi and q_f on the contrastive objective below.
+
+Where the q_phi / q_f objective comes from
+------------------------------------------
+The likelihood is ``p(F | M, v, phi) = exp(-E_phi(F, M o phi_v)) / Z(phi)`` with
+``Z(phi) = \int exp(-E_phi(F', M o phi_v)) dF'``. The ELBO, per pair, is
+
+    ELBO(q_v, phi) = E_{q_v}[ -E_phi(F, M o phi_v) - log Z(phi) - R(v) ] + H(q_v).
+
+``log Z`` is intractable. For any density ``q_f`` over images, Jensen's inequality gives the lower bound
+
+    log Z(phi) = log E_{q_f}[ exp(-E_phi(F')) / q_f(F') ] >= E_{q_f}[ -E_phi(F') ] + H(q_f).
+
+Substituting the bound for ``log Z`` (which makes the objective an approximation, not a bound, of the ELBO),
+the terms that depend on ``phi`` give the loss minimised by q_phi:
+
+    L_phi = E_{q_v}[ E_phi(F, M o phi_v) - E_{q_f}[ E_phi(F', M o phi_v) ] ],
+
+estimated with one q_v sample per pair and an antithetic pair ``F'_1, F'_2`` of q_f samples:
+``[E(F, Mw) - 0.5 E(F'_1, Mw) - 0.5 E(F'_2, Mw)] / n`` (``n`` = pairs in the batch). It lowers the energy of
+the real atlas against "fixed-like" images drawn from q_f.
+
+How q_f is trained (``q_f_objective``):
+
+* ``"original"`` (default, what the original code does): q_f minimises the same ``L_phi``. Its gradient raises
+  ``E_phi(F')`` of q_f's samples: q_f moves to images that the current metric finds *least* similar, a
+  contrastive/adversarial sampler, with no entropy term.
+* ``"bound"``: q_f tightens the Jensen bound, i.e. maximises ``E_{q_f}[-E_phi(F')] + H(q_f)``: it minimises
+  ``E_{q_f}[E_phi(F', Mw)] - H(q_f)``, moving q_f towards the Gibbs distribution ``exp(-E_phi) / Z`` (the bound
+  is tight when ``q_f`` equals it). This is the variationally consistent choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from learnsim.distributed import average_gradients
+from learnsim.distributions import QF, antithetic_samples
+from learnsim.energies import RegLossL2
+from learnsim.metric import SimilarityMetric
+from learnsim.registration import VariationalRegistration
+from learnsim.sobolev import SobolevSmoother
+from learnsim.spatial import warp, warp_labels
+from learnsim.state import QVStateStore
+from learnsim.transformation import SVF
+
+__all__ = ["LearnSimModule"]
+
+OptimFactory = Callable[..., torch.optim.Optimizer]
+
+
+def _adam(lr: float) -> OptimFactory:
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+class LearnSimModule(pl.LightningModule):
+    """Variational similarity learning (Grzech et al., CVPR 2022) as a LightningModule.
+
+    Args:
+        metric: the similarity metric to learn (CNN_SSD / CNN_LCC; a baseline gives q_phi nothing to learn).
+        transformation: SVF or SVFFD.
+        reg_loss: L2 gradient regulariser (``w_reg``).
+        sobolev: Sobolev smoother (identity backward).
+        dims: image grid ``(D, H, W)`` (to size q_f before the data are seen; the atlas is copied in at setup).
+        q_v: dict with ``sigma_init`` (0.5), ``u_init`` (0.1), ``rank`` (1), ``no_iters`` (1024).
+        q_f: dict with ``sigma_init`` (0.1), ``u_init`` (0.1), ``rank`` (1), ``loc_learnable`` (False),
+            ``cov_learnable`` (True), ``objective`` (``"original"`` or ``"bound"``).
+        optimizer_q_f, optimizer_q_phi, optimizer_q_v: factories ``params -> Optimizer`` (Hydra partials);
+            Adam with lr 1e-3, 1e-5, 1e-2 by default.
+        uniform_noise: U(-a, a) voxel noise on sampling coordinates during training (0.1; 0 disables).
+        state_dir: folder of the per-pair q_v states (default: ``<trainer.default_root_dir>/q_v_state``).
+        state_dtype: storage dtype of the q_v states (``float16``).
+        log_period: q_v iterations between logged losses (and progress-bar postfix updates).
+        no_iters_val: q_v iterations for validation pairs (fresh q_v, frozen metric).
+        amp: bf16 autocast for the energies on CUDA.
+    """
+
+    def __init__(
+        self,
+        metric: SimilarityMetric,
+        transformation: SVF,
+        reg_loss: RegLossL2,
+        sobolev: SobolevSmoother,
+        dims: tuple[int, int, int] | list[int] = (64, 64, 64),
+        q_v: dict | None = None,
+        q_f: dict | None = None,
+        optimizer_q_f: OptimFactory | None = None,
+        optimizer_q_phi: OptimFactory | None = None,
+        optimizer_q_v: OptimFactory | None = None,
+        uniform_noise: float = 0.1,
+        state_dir: str | None = None,
+        state_dtype: str = "float16",
+        log_period: int = 512,
+        no_iters_val: int | None = None,
+        amp: bool = False,
+        structures: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.metric = metric
+        self.transformation = transformation
+        self.reg_loss = reg_loss
+        self.sobolev = sobolev
+        self.dims = tuple(int(d) for d in dims)
+        q_v = dict(q_v or {})
+        q_f = dict(q_f or {})
+        self.q_f_objective = str(q_f.pop("objective", "original"))
+        if self.q_f_objective not in ("original", "bound"):
+            raise ValueError(f"q_f.objective must be 'original' or 'bound'; got {self.q_f_objective!r}")
+        self.q_f = QF(torch.zeros(1, 1, *self.dims), **q_f)
+        self.no_iters_q_v = int(q_v.pop("no_iters", 1024))
+        self.registration = VariationalRegistration(
+            metric, transformation, reg_loss, sobolev, no_iters=self.no_iters_q_v, uniform_noise=uniform_noise,
+            amp=amp, **q_v,
+        )
+        self._opt_factories = (optimizer_q_f or _adam(1e-3), optimizer_q_phi or _adam(1e-5), optimizer_q_v or _adam(1e-2))
+        self.state_dir = state_dir
+        self.state_dtype = state_dtype
+        self.state: QVStateStore | None = None
+        self.log_period = int(log_period)
+        self.no_iters_val = int(no_iters_val) if no_iters_val is not None else self.no_iters_q_v
+        self.structures = list(structures) if structures else None
+        self._atlas_set = False
+        # the metric must be rebuildable from the checkpoint alone (learnsim.api.load_metric)
+        self.save_hyperparameters({"metric_spec": metric.spec, "dims": list(self.dims)})
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        root = Path(self.state_dir) if self.state_dir else Path(self.trainer.default_root_dir) / "q_v_state"
+        if self.state is None:
+            self.state = QVStateStore(root, self.state_dtype)
+        if stage == "fit" and not self._atlas_set:
+            dm = getattr(self.trainer, "datamodule", None)
+            atlas = dm.atlas() if dm is not None and hasattr(dm, "atlas") else None
+            if atlas is not None:
+                self.set_atlas(atlas)
+
+    @torch.no_grad()
+    def set_atlas(self, fixed: Tensor) -> None:
+        """Copy the atlas ``[1, 1, D, H, W]`` (or ``[1, D, H, W]``) into q_f's mean."""
+        fixed = fixed.reshape(1, 1, *fixed.shape[-3:])
+        if tuple(fixed.shape[2:]) != self.dims:
+            raise ValueError(f"atlas grid {tuple(fixed.shape[2:])} != model dims {self.dims}")
+        self.q_f.loc.copy_(fixed.to(self.q_f.loc))
+        self._atlas_set = True
+
+    def configure_optimizers(self):
+        f_params = [p for p in self.q_f.parameters() if p.requires_grad]
+        phi_params = [p for p in self.metric.parameters() if p.requires_grad]
+        # optimisers need at least one tensor: a baseline metric has no weights, and q_v's tensors are swapped in
+        # per batch by VariationalRegistration.fit
+        placeholder = lambda: [torch.nn.Parameter(torch.zeros(1, device=self.device))]  # noqa: E731
+        opt_f = self._opt_factories[0](f_params or placeholder())
+        opt_phi = self._opt_factories[1](phi_params or placeholder())
+        opt_v = self._opt_factories[2](placeholder())
+        return [opt_f, opt_phi, opt_v]
+
+    # ------------------------------------------------------------------------------------------ training
+    def _inner_progress(self, total: int):
+        bar = None
+        if self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None and self.trainer.progress_bar_callback.is_enabled:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="q_v", leave=False, position=1, dynamic_ncols=True)
+        every = max(1, min(self.log_period, 16))
+
+        def update(it: int, loss: Tensor) -> None:
+            if bar is not None:
+                bar.n = it + 1
+                if it % self.log_period == 0:
+                    bar.set_postfix(loss=f"{loss.mean().item():.4g}", refresh=False)
+                bar.refresh()
+
+        return bar, update, every
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        opt_f, opt_phi, opt_v = self.optimizers()
+        fixed = batch["fixed"][:1]
+        moving = batch["moving"]
+        mask = batch["fixed_mask"][:1]
+        indices = [int(i) for i in batch["index"]]
+        b, shape = moving.shape[0], moving.shape[2:]
+        if tuple(shape) != self.dims:
+            raise ValueError(f"batch grid {tuple(shape)} != model dims {self.dims}")
+        if not self._atlas_set:
+            self.set_atlas(fixed)
+
+        # 1-3: q_v for this batch, warm-started from the state store
+        init = self.registration.init_params(b, shape, self.device)
+        params, found = self.state.load(indices, init)
+        bar, update, every = self._inner_progress(self.no_iters_q_v)
+        try:
+            fit = self.registration.fit(
+                fixed, moving, mask, params, training=True, optimizer=opt_v.optimizer, progress=update, log_every=every
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        self.state.save(indices, fit.params)
+
+        # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
+        with torch.no_grad():
+            v_sample, _ = antithetic_samples(fit.params)
+            _, disp = self.registration.displacement(v_sample, shape)
+            if self.registration.uniform_noise > 0:
+                disp = disp + (torch.rand_like(disp) * 2 - 1) * self.registration.uniform_noise
+            warped = warp(moving, disp)
+        f1, f2 = self.q_f.sample_antithetic()
+        feat_w = self.metric.features(warped)
+        e_fixed = self.metric.energy_from_features(self.metric.features(fixed), feat_w, mask)
+        e_1 = self.metric.energy_from_features(self.metric.features(f1), feat_w, mask)
+        e_2 = self.metric.energy_from_features(self.metric.features(f2), feat_w, mask)
+        loss_phi = (e_fixed - 0.5 * e_1 - 0.5 * e_2).sum() / b
+        phi_params = [p for p in self.metric.parameters() if p.requires_grad]
+        f_params = [p for p in self.q_f.parameters() if p.requires_grad]
+        if self.q_f_objective == "original":
+            loss_f = loss_phi
+        else:
+            loss_f = 0.5 * (e_1 + e_2).sum() / b - self.q_f.entropy()
+        opt_f.zero_grad(set_to_none=True)
+        opt_phi.zero_grad(set_to_none=True)
+        if phi_params:
+            grads = torch.autograd.grad(loss_phi, phi_params, retain_graph=bool(f_params), allow_unused=True)
+            for p, g in zip(phi_params, grads, strict=True):
+                p.grad = torch.zeros_like(p) if g is None else g
+        if f_params:
+            grads = torch.autograd.grad(loss_f, f_params, allow_unused=True)
+            for p, g in zip(f_params, grads, strict=True):
+                p.grad = torch.zeros_like(p) if g is None else g
+        # gradients of the shared weights are averaged over ranks (the module is not DDP-wrapped on purpose)
+        average_gradients(phi_params + f_params)
+        if phi_params:
+            opt_phi.step()
+        if f_params:
+            opt_f.step()
+            self.q_f.clamp_()
+
+        q_v_loss = fit.loss.mean()
+        self.log_dict(
+            {
+                "train/q_v_loss": q_v_loss,
+                "train/q_phi_loss": loss_phi.detach(),
+                "train/q_f_loss": loss_f.detach(),
+                "train/energy_fixed": e_fixed.detach().mean(),
+                "train/energy_q_f": (0.5 * (e_1 + e_2)).detach().mean(),
+                "train/q_f_sigma_mean": torch.exp(0.5 * self.q_f.log_var.detach()).mean(),
+                "train/q_f_entropy": self.q_f.entropy().detach(),
+                "train/q_v_warm_started": found.float().mean().to(self.device),
+            },
+            on_step=True,
+            on_epoch=True,
+            prog_bar=False,
+            batch_size=b,
+            sync_dist=False,
+        )
+        if self.metric.encoder is not None:
+            w = self.metric.encoder.aggregation.weight.detach().flatten()
+            self.log_dict({f"metric/aggregation_w{i}": w[i] for i in range(w.numel())}, on_step=False, on_epoch=True, batch_size=b)
+        if batch_idx == 0:
+            self._log_images(fixed, moving, warped, f1)
+        return q_v_loss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        dl = self.trainer.train_dataloader
+        sampler = getattr(dl, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        if self.state is not None:
+            self.state.flush()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the states of this epoch must be on disk before the checkpoint that points at them
+        if self.state is not None:
+            self.state.flush()
+            checkpoint["q_v_state_dir"] = str(self.state.root.resolve())
+        if getattr(self, "run_config", None) is not None:
+            checkpoint["learnsim_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        root = checkpoint.get("q_v_state_dir")
+        if root and Path(root).is_dir() and self.state_dir is None:
+            self.state = QVStateStore(root, self.state_dtype)
+        self._atlas_set = True  # q_f.loc comes back with the state dict
+
+    def teardown(self, stage: str) -> None:
+        if self.state is not None:
+            self.state.flush()
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        fixed, moving, mask = batch["fixed"][:1], batch["moving"], batch["fixed_mask"][:1]
+        with torch.enable_grad():
+            fit = self.registration.fit(fixed, moving, mask, no_iters=self.no_iters_val, training=False)
+        disp = self.registration.mean_displacement(fit.params, moving.shape[2:])
+        self.log("val/q_v_loss", fit.loss.mean(), batch_size=moving.shape[0], sync_dist=True)
+        if bool(batch["has_seg"].all()):
+            warped_seg = warp_labels(batch["moving_seg"], disp)
+            self.log("val/dsc", self._mean_dice(warped_seg, batch["fixed_seg"]), batch_size=moving.shape[0], sync_dist=True)
+
+    def _mean_dice(self, pred: Tensor, target: Tensor) -> Tensor:
+        labels = self.structures or [int(x) for x in torch.unique(target).tolist() if x != 0]
+        scores = []
+        for lab in labels:
+            p, t = pred == lab, target == lab
+            denom = p.sum() + t.sum()
+            if denom > 0:
+                scores.append(2.0 * (p & t).sum() / denom)
+        return torch.stack(scores).mean() if scores else torch.tensor(math.nan, device=pred.device)
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _log_images(self, fixed: Tensor, moving: Tensor, warped: Tensor, qf_sample: Tensor) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger, "log_image") or not self.trainer.is_global_zero:
+            return
+        mid = fixed.shape[2] // 2
+        with torch.no_grad():
+            feats = self.metric.features(fixed)
+        images = [t[0, 0, mid].float().cpu().numpy() for t in (fixed, moving[:1], warped[:1], qf_sample, feats)]
+        try:
+            logger.log_image(key="train/images", images=images, caption=["atlas", "moving", "warped", "q_f sample", "a(atlas)"], step=self.global_step)
+        except Exception:  # image logging is a convenience; never fail training over it
+            pass
