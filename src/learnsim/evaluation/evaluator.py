@@ -1,0 +1,424 @@
+"""The evaluation of one test run: called once per registered pair, finalised once at the end.
+
+Outputs under ``out_dir`` (all written atomically):
+
+* ``pairs/<pair_id>/`` — ``warped.nii.gz`` (moving image warped by the posterior-mean transformation, trilinear),
+  ``warped_seg.nii.gz`` (moving segmentation, nearest), ``disp_mm.nii.gz`` (mean displacement in mm along the
+  affine's world axes, ``[D, H, W, 3]``), ``uncertainty_mm.nii.gz`` (displacement std, see
+  :mod:`learnsim.evaluation.uncertainty`), all on the fixed grid with the fixed affine; ``output_grid.png``;
+  ``summary.json`` (the dict :meth:`Evaluator.add_pair` returns).
+* ``metrics.csv`` — one row per pair x sample x structure: ``pair, sample, structure, label, dsc, asd_mm, hd95_mm``
+  (``sample`` = 0..n-1, the first ``metric_samples`` posterior samples).
+* ``metrics_mean.csv`` — the same columns for the posterior-mean transformation (``sample`` = ``-1``), kept apart so
+  that averages over ``metrics.csv`` are over samples only.
+* ``per_pair.csv`` — ``pair, folding_voxels, folding_pct, sdlogj, seconds`` then further per-pair values
+  (``folding_*_mask``, ``detj_min/max``, ``n_samples``, ``n_metric_samples``, ``uncertainty_mean_mm``,
+  ``spearman_disagreement``, ``spearman_error``, DSC/ASD/HD95 means of the pair) and the caller's ``extra`` keys.
+* ``calibration_bins.csv`` — uncertainty quantile bins pooled over pairs (seeded voxel subsample per pair, drawn
+  near the evaluated structures: see ``calibration_margin``).
+* ``summary.json`` — mean / std / count per structure and overall for ``dsc``, ``asd_mm``, ``hd95_mm`` (over
+  pair x sample rows, NaNs excluded and counted), and for the per-pair values; calibration Spearman (mean over
+  pairs and pooled).
+* ``boxplots.png`` (DSC, ASD, HD95 per structure) and ``calibration.png``.
+
+Regularity (folding, SDlogJ) is of the posterior-mean transformation: folding over the whole grid (and inside the
+mask as ``folding_*_mask``), SDlogJ inside the fixed brain mask when one is given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from learnsim import io
+from learnsim.evaluation import figures as figs
+from learnsim.evaluation.metrics import STRUCTURES, jacobian_stats, spacing_from_affine, structure_metrics
+from learnsim.evaluation.uncertainty import (
+    DisagreementCounter,
+    calibration_bins,
+    displacement_std_mm,
+    segmentation_error,
+    spearman,
+    subsample_region,
+)
+from learnsim.spatial import displacement_to_mm, warp, warp_labels
+
+__all__ = ["Evaluator", "METRIC_COLUMNS", "PER_PAIR_COLUMNS"]
+
+METRIC_COLUMNS = ["pair", "sample", "structure", "label", "dsc", "asd_mm", "hd95_mm"]
+PER_PAIR_COLUMNS = ["pair", "folding_voxels", "folding_pct", "sdlogj", "seconds"]
+_VALUE_COLUMNS = ("dsc", "asd_mm", "hd95_mm")
+_PAIR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+def _stats(values: Any) -> dict[str, float | int | None]:
+    """mean, sample std (ddof 1), count of finite values and count of NaNs; JSON-safe (NaN -> None)."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    finite = arr[np.isfinite(arr)]
+    mean = float(finite.mean()) if finite.size else None
+    std = float(finite.std(ddof=1)) if finite.size > 1 else None
+    return {"mean": mean, "std": std, "n": int(finite.size), "n_nan": int(arr.size - finite.size)}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, Tensor) and obj.numel() == 1:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with io.atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _vol(x: Tensor, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    if x.dim() != 5 or x.shape[:2] != (1, 1):
+        raise ValueError(f"Evaluator.add_pair: {name} must be [1, 1, D, H, W]; got {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape[2:]) != shape:
+        raise ValueError(f"Evaluator.add_pair: {name} grid {tuple(x.shape[2:])} != fixed grid {shape}")
+    return x
+
+
+class Evaluator:
+    """Collects per-pair results of a test run and writes the run's tables, maps and figures.
+
+    Args:
+        out_dir: run output folder (created).
+        structures: label id -> name of the evaluated structures (default :data:`STRUCTURES`).
+        save_nifti: write the per-pair NIfTI maps.
+        figures: write the per-pair output grid and the run's box and calibration plots.
+        seed: seeds the calibration voxel subsample (combined with a hash of the pair id, so results do not depend
+            on the order of pairs).
+        metric_samples: DSC / ASD / HD95 are computed for the first ``metric_samples`` samples (spec: 5 for metrics,
+            50 for uncertainty); ``None`` = all samples. The uncertainty and the disagreement use all samples.
+        surface_metrics: compute ASD and HD95 (else NaN; DSC only).
+        calibration_voxels: voxels drawn per pair for the calibration analysis (seeded, without replacement).
+        calibration_margin: the calibration region is the voxels within this many voxels (chessboard distance) of
+            an evaluated structure in the fixed, the mean-warped or any sample's segmentation, inside the fixed
+            mask; ``None`` = the whole mask (or grid).
+        n_bins: uncertainty quantile bins.
+        run_name: legend name in the run's plots (default the folder name).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        structures: dict[int, str] | None = None,
+        save_nifti: bool = True,
+        figures: bool = True,
+        seed: int = 0,
+        metric_samples: int | None = 5,
+        surface_metrics: bool = True,
+        calibration_voxels: int = 20000,
+        calibration_margin: int | None = 3,
+        n_bins: int = 10,
+        run_name: str | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.structures = dict(STRUCTURES if structures is None else structures)
+        self.save_nifti = save_nifti
+        self.figures = figures
+        self.seed = int(seed)
+        if metric_samples is not None and metric_samples < 1:
+            raise ValueError(f"Evaluator: metric_samples must be >= 1 or None; got {metric_samples}")
+        self.metric_samples = metric_samples
+        self.surface_metrics = surface_metrics
+        self.calibration_voxels = int(calibration_voxels)
+        self.calibration_margin = calibration_margin
+        self.n_bins = int(n_bins)
+        self.run_name = run_name or self.out_dir.resolve().name
+        self._rows: list[dict[str, Any]] = []
+        self._mean_rows: list[dict[str, Any]] = []
+        self._pairs: list[dict[str, Any]] = []
+        self._calib: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _metric_rows(
+        self, pair_id: str, sample: int, warped_seg: Tensor, fixed_seg: Tensor, spacing
+    ) -> list[dict]:
+        res = structure_metrics(warped_seg, fixed_seg, self.structures, spacing, surface=self.surface_metrics)
+        return [
+            {"pair": pair_id, "sample": sample, "structure": self.structures[label], "label": label, **vals}
+            for label, vals in res.items()
+        ]
+
+    def _calibration_region(
+        self, mask: Tensor | None, fixed_seg: Tensor, warped_seg: Tensor, disagreement: Tensor
+    ) -> Tensor | None:
+        """Voxels near the evaluated structures (fixed, mean-warped, or chosen by any sample), grown by
+        ``calibration_margin`` voxels, inside the mask. Far from every structure no sample can disagree and
+        nothing can be wrong, so those voxels would only dilute the bins."""
+        if self.calibration_margin is None:
+            return mask
+        labels = torch.tensor(list(self.structures), device=fixed_seg.device)
+        near = torch.isin(fixed_seg, labels) | torch.isin(warped_seg, labels) | (disagreement > 0)
+        m = int(self.calibration_margin)
+        if m > 0:
+            near = F.max_pool3d(near.float(), kernel_size=2 * m + 1, stride=1, padding=m) > 0
+        return near & mask if mask is not None else near
+
+    @torch.no_grad()
+    def add_pair(
+        self,
+        pair_id: str,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_seg: Tensor | None,
+        moving_seg: Tensor | None,
+        fixed_mask: Tensor | None,
+        affine: Tensor | np.ndarray,
+        sample_disps: Tensor,
+        mean_disp: Tensor,
+        seconds: float,
+        extra: dict | None = None,
+    ) -> dict:
+        """Evaluate one registered pair.
+
+        Args:
+            pair_id: unique name, used as a folder name (letters, digits, ``._+=-``).
+            fixed, moving: ``[1, 1, D, H, W]`` float intensities in [0, 1].
+            fixed_seg, moving_seg: ``[1, 1, D, H, W]`` int64 label maps, or ``None`` (no overlap metrics and no
+                calibration then).
+            fixed_mask: ``[1, 1, D, H, W]`` brain mask of the fixed image, or ``None`` (whole grid).
+            affine: 4x4 voxel -> mm matrix of the fixed grid.
+            sample_disps: ``[N, 1, 3, D, H, W]`` displacements in voxels of N >= 1 posterior samples.
+            mean_disp: ``[1, 3, D, H, W]`` displacement in voxels of the posterior-mean transformation.
+            seconds: registration time of the pair.
+            extra: further per-pair scalars for ``per_pair.csv`` (e.g. final loss).
+        Returns:
+            The per-pair summary (the ``per_pair.csv`` row).
+        """
+        t0 = time.perf_counter()
+        if not isinstance(pair_id, str) or not _PAIR_ID.match(pair_id):
+            raise ValueError(
+                f"Evaluator.add_pair: pair_id must match {_PAIR_ID.pattern} (a folder name); got {pair_id!r}"
+            )
+        if any(p["pair"] == pair_id for p in self._pairs):
+            raise ValueError(f"Evaluator.add_pair: pair {pair_id!r} was already added")
+        fixed = _vol(fixed, "fixed")
+        shape = tuple(fixed.shape[2:])
+        moving = _vol(moving, "moving", shape)
+        if (
+            sample_disps.dim() != 6
+            or sample_disps.shape[1:3] != (1, 3)
+            or tuple(sample_disps.shape[3:]) != shape
+        ):
+            raise ValueError(
+                f"Evaluator.add_pair: sample_disps must be [N, 1, 3, {shape}]; got {tuple(sample_disps.shape)}"
+            )
+        if sample_disps.shape[0] < 1:
+            raise ValueError("Evaluator.add_pair: sample_disps needs at least one sample")
+        if mean_disp.dim() != 5 or mean_disp.shape[:2] != (1, 3) or tuple(mean_disp.shape[2:]) != shape:
+            raise ValueError(
+                f"Evaluator.add_pair: mean_disp must be [1, 3, {shape}]; got {tuple(mean_disp.shape)}"
+            )
+        if (fixed_seg is None) != (moving_seg is None):
+            raise ValueError("Evaluator.add_pair: give both fixed_seg and moving_seg, or neither")
+        affine_np = np.asarray(
+            affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64
+        )
+        spacing = spacing_from_affine(affine_np)
+        device = sample_disps.device
+        fixed, moving = fixed.to(device), moving.to(device)
+        mean_disp = mean_disp.to(device=device, dtype=sample_disps.dtype)
+        mask = _vol(fixed_mask, "fixed_mask", shape).to(device) > 0 if fixed_mask is not None else None
+        has_seg = fixed_seg is not None and moving_seg is not None
+        if has_seg:
+            fixed_seg = _vol(fixed_seg, "fixed_seg", shape).to(device)
+            moving_seg = _vol(moving_seg, "moving_seg", shape).to(device)
+
+        n = int(sample_disps.shape[0])
+        n_metric = n if self.metric_samples is None else min(n, self.metric_samples)
+        pair_dir = self.out_dir / "pairs" / pair_id
+
+        # posterior-mean transformation
+        warped = warp(moving, mean_disp)
+        reg = jacobian_stats(mean_disp, mask)
+        uncertainty = displacement_std_mm(sample_disps, affine_np)  # [1, 1, D, H, W] mm
+
+        rows: list[dict[str, Any]] = []
+        warped_seg_mean = None
+        calib: dict[str, float] = {"spearman_disagreement": float("nan"), "spearman_error": float("nan")}
+        if has_seg:
+            warped_seg_mean = warp_labels(moving_seg, mean_disp)
+            self._mean_rows.extend(self._metric_rows(pair_id, -1, warped_seg_mean, fixed_seg, spacing))
+            # Stream over samples: one warped segmentation in memory at a time.
+            counter = DisagreementCounter(self.structures, shape, device)
+            for i in range(n):
+                ws = warp_labels(moving_seg, sample_disps[i])
+                counter.update(ws)
+                if i < n_metric:
+                    rows.extend(self._metric_rows(pair_id, i, ws, fixed_seg, spacing))
+            disagreement = counter.compute()
+            del counter
+            error = segmentation_error(warped_seg_mean, fixed_seg, self.structures)
+            region = self._calibration_region(mask, fixed_seg, warped_seg_mean, disagreement)
+            pair_seed = (self.seed + zlib.crc32(pair_id.encode())) % (2**32)
+            idx = subsample_region(region, shape, self.calibration_voxels, pair_seed)
+            u_sub = uncertainty.reshape(-1).cpu().numpy()[idx].astype(np.float64)
+            d_sub = disagreement.reshape(-1).cpu().numpy()[idx].astype(np.float64)
+            e_sub = error.reshape(-1).cpu().numpy()[idx].astype(np.float64)
+            self._calib.append((u_sub, d_sub, e_sub))
+            calib = {
+                "spearman_disagreement": spearman(u_sub, d_sub),
+                "spearman_error": spearman(u_sub, e_sub),
+            }
+        self._rows.extend(rows)
+
+        region_unc = uncertainty[mask] if mask is not None else uncertainty
+        summary: dict[str, Any] = {
+            "pair": pair_id,
+            "folding_voxels": reg["folding_voxels"],
+            "folding_pct": reg["folding_pct"],
+            "sdlogj": reg["sdlogj"],
+            "seconds": float(seconds),
+            "folding_voxels_mask": reg["folding_voxels_mask"],
+            "folding_pct_mask": reg["folding_pct_mask"],
+            "detj_min": reg["detj_min"],
+            "detj_max": reg["detj_max"],
+            "n_samples": n,
+            "n_metric_samples": n_metric if has_seg else 0,
+            "uncertainty_mean_mm": float(region_unc.mean()) if region_unc.numel() else float("nan"),
+            **calib,
+        }
+        for col in _VALUE_COLUMNS:
+            summary[f"{col}_mean"] = _stats([r[col] for r in rows])["mean"] if rows else None
+        for key, value in (extra or {}).items():
+            if key in summary:
+                raise ValueError(f"Evaluator.add_pair: extra key {key!r} clashes with a computed column")
+            summary[key] = value.item() if isinstance(value, Tensor | np.generic) else value
+
+        if self.save_nifti:
+            io.save_nifti(
+                pair_dir / "warped.nii.gz", warped[0, 0].float().cpu().numpy(), affine_np, np.float32
+            )
+            if warped_seg_mean is not None:
+                seg_np = warped_seg_mean[0, 0].cpu().numpy()
+                io.save_nifti(
+                    pair_dir / "warped_seg.nii.gz",
+                    seg_np,
+                    affine_np,
+                    np.int16 if seg_np.max(initial=0) < 2**15 else np.int32,
+                )
+            disp_mm = displacement_to_mm(mean_disp.float(), torch.as_tensor(affine_np))[0].permute(1, 2, 3, 0)
+            io.save_nifti(pair_dir / "disp_mm.nii.gz", disp_mm.cpu().numpy(), affine_np, np.float32)
+            io.save_nifti(
+                pair_dir / "uncertainty_mm.nii.gz", uncertainty[0, 0].cpu().numpy(), affine_np, np.float32
+            )
+        if self.figures:
+            figs.output_grid(
+                pair_dir / "output_grid.png",
+                fixed,
+                moving,
+                warped,
+                mean_disp,
+                affine_np,
+                uncertainty,
+                mask,
+                title=f"{self.run_name}: {pair_id}",
+            )
+        summary["eval_seconds"] = time.perf_counter() - t0
+        _write_json(pair_dir / "summary.json", summary)
+        self._pairs.append(summary)
+        return summary
+
+    # ------------------------------------------------------------------------------------------------------------
+    def metrics_table(self) -> pd.DataFrame:
+        """The rows of ``metrics.csv`` so far."""
+        return pd.DataFrame(self._rows, columns=METRIC_COLUMNS)
+
+    def per_pair_table(self) -> pd.DataFrame:
+        """The rows of ``per_pair.csv`` so far (required columns first)."""
+        df = pd.DataFrame(self._pairs)
+        if df.empty:
+            return pd.DataFrame(columns=PER_PAIR_COLUMNS)
+        return df[PER_PAIR_COLUMNS + [c for c in df.columns if c not in PER_PAIR_COLUMNS]]
+
+    def finalize(self) -> dict:
+        """Write the run's tables, summary and plots; return the summary dict (see module docstring)."""
+        metrics = self.metrics_table()
+        per_pair = self.per_pair_table()
+        _write_csv(self.out_dir / "metrics.csv", metrics)
+        _write_csv(self.out_dir / "metrics_mean.csv", pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS))
+        _write_csv(self.out_dir / "per_pair.csv", per_pair)
+
+        bins = None
+        pooled = {"spearman_disagreement": None, "spearman_error": None}
+        if self._calib:
+            u, d, e = (np.concatenate(parts) for parts in zip(*self._calib, strict=True))
+            bins = calibration_bins(u, {"disagreement": d, "error": e}, self.n_bins)
+            _write_csv(self.out_dir / "calibration_bins.csv", bins)
+            pooled = {"spearman_disagreement": spearman(u, d), "spearman_error": spearman(u, e)}
+
+        summary: dict[str, Any] = {
+            "run": self.run_name,
+            "n_pairs": len(self._pairs),
+            "n_rows": len(metrics),
+            "structures": {},
+            "overall": {col: _stats(metrics[col]) for col in _VALUE_COLUMNS},
+        }
+        for label, name in self.structures.items():
+            sub = metrics[metrics["label"] == label]
+            summary["structures"][name] = {
+                "label": label,
+                **{col: _stats(sub[col]) for col in _VALUE_COLUMNS},
+            }
+        mean_rows = pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS)
+        summary["mean_transformation"] = {col: _stats(mean_rows[col]) for col in _VALUE_COLUMNS}
+        for col in (
+            "folding_voxels",
+            "folding_pct",
+            "folding_pct_mask",
+            "sdlogj",
+            "seconds",
+            "uncertainty_mean_mm",
+        ):
+            summary[col] = _stats(per_pair[col]) if col in per_pair else _stats([])
+        summary["calibration"] = {
+            "spearman_disagreement": _stats(per_pair["spearman_disagreement"])
+            if len(per_pair)
+            else _stats([]),
+            "spearman_error": _stats(per_pair["spearman_error"]) if len(per_pair) else _stats([]),
+            "pooled_spearman_disagreement": pooled["spearman_disagreement"],
+            "pooled_spearman_error": pooled["spearman_error"],
+            "voxels_per_pair": self.calibration_voxels,
+        }
+        _write_json(self.out_dir / "summary.json", summary)
+
+        if self.figures and len(metrics):
+            order = [self.structures[k] for k in self.structures]
+            figs.structure_boxplots(
+                {self.run_name: metrics}, self.out_dir / "boxplots.png", ("dsc", "asd_mm", "hd95_mm"), order
+            )
+        if self.figures and bins is not None:
+            figs.calibration_plot({self.run_name: bins}, self.out_dir / "calibration.png")
+        return _json_safe(summary)
