@@ -1,0 +1,148 @@
+"""Pairs (atlas, moving subject) as tensors on the atlas grid, preprocessed by :func:`learnsim.data.preprocess.preprocess`.
+
+The same code that writes a cohort (demo, UK Biobank) runs here, so a CSV of raw files (any orientation, shape,
+spacing) and a CSV of already preprocessed files give the same tensors; already preprocessed files on the target
+grid are only copied, not interpolated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, preprocess, target_grid
+from learnsim.data.validate import PairRecord, validate_pairs
+
+__all__ = ["PairDataset", "BATCH_KEYS", "pair_ids"]
+
+#: Keys of every item (and, collated, of every batch).
+BATCH_KEYS = (
+    "fixed", "moving", "fixed_mask", "moving_mask", "fixed_seg", "moving_seg", "has_seg", "index", "pair_id", "affine",
+)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def pair_ids(records: Sequence[PairRecord]) -> list[str]:
+    """A readable id per row: the moving image's folder name (``subjects/<id>/t1.nii.gz``, ``<ID>/T2_...``) when
+    those are unique, else the file stem, else ``<stem>-<row>``."""
+    for candidate in ([r.moving.parent.name for r in records], [_stem(r.moving) for r in records]):
+        if all(candidate) and len(set(candidate)) == len(candidate):
+            return candidate
+    counts = Counter(_stem(r.moving) for r in records)
+    return [_stem(r.moving) if counts[_stem(r.moving)] == 1 else f"{_stem(r.moving)}-{r.index}" for r in records]
+
+
+class PairDataset(Dataset):
+    """Registration pairs from a CSV (see :mod:`learnsim.data.validate` for the format).
+
+    Args:
+        csv_path: the pair list; validated at construction (raises ``DataValidationError`` listing all problems).
+        dims: working grid size (int or 3 ints); the grid is built from the first row's fixed image (the atlas):
+            RAS, zero-padded to a centred cube, resized to ``dims`` (:func:`learnsim.data.preprocess.target_grid`).
+        structures: FreeSurfer ids to evaluate. Every given label map must contain them all (validated); other ids
+            are set to background. ``None`` keeps every label.
+        cache: keep preprocessed moving volumes in memory (the fixed image is always cached).
+
+    Items are dicts with exactly :data:`BATCH_KEYS`:
+
+    * ``fixed``, ``moving``: ``[1, D, H, W]`` float32 in [0, 1] (brain-masked where a mask is given);
+    * ``fixed_mask``, ``moving_mask``: ``[1, D, H, W]`` float32 0/1 (all ones without a mask column);
+    * ``fixed_seg``, ``moving_seg``: ``[1, D, H, W]`` int64 FreeSurfer ids (zeros without a seg column);
+    * ``has_seg``: bool scalar tensor, both label maps given;
+    * ``index``: int64 scalar tensor, the row number in the CSV (the stable pair id for per-pair state);
+    * ``pair_id``: str (see :func:`pair_ids`);
+    * ``affine``: ``[4, 4]`` float64 voxel -> mm of the working grid.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        dims: int | Sequence[int] = (64, 64, 64),
+        structures: Sequence[int] | None = None,
+        cache: bool = True,
+    ):
+        self.csv_path = Path(csv_path)
+        self.structures = tuple(int(s) for s in structures) if structures is not None else None
+        self.records = validate_pairs(self.csv_path, required_labels=self.structures)
+        self.pair_ids = pair_ids(self.records)
+        self.dims = as_dims(dims)
+        atlas = Volume.load(self.records[0].fixed)
+        self.grid: Grid = target_grid(atlas.data.shape, atlas.affine, self.dims)
+        self.cache = cache
+        self._fixed: dict[Path, Preprocessed] = {}
+        self._moving: dict[int, Preprocessed] = {}
+        self.notes: list[str] = []
+        # the fixed image is shared by all rows: preprocess it now, so forked workers share the copy
+        self._load_fixed(self.records[0])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.grid.affine
+
+    def _load(self, image: Path, mask: Path | None, seg: Path | None) -> Preprocessed:
+        out = preprocess(
+            Volume.load(image),
+            self.grid,
+            Volume.load(mask) if mask is not None else None,
+            Volume.load(seg) if seg is not None else None,
+        )
+        if out.seg is not None and self.structures is not None:
+            out.seg = np.where(np.isin(out.seg, self.structures), out.seg, 0).astype(np.int16)
+        self.notes.extend(n for n in out.notes if n not in self.notes)
+        return out
+
+    def _load_fixed(self, rec: PairRecord) -> Preprocessed:
+        hit = self._fixed.get(rec.fixed)
+        if hit is None:
+            hit = self._load(rec.fixed, rec.fixed_mask, rec.fixed_seg)
+            self._fixed[rec.fixed] = hit
+        return hit
+
+    def _load_moving(self, rec: PairRecord) -> Preprocessed:
+        hit = self._moving.get(rec.index)
+        if hit is None:
+            hit = self._load(rec.moving, rec.moving_mask, rec.moving_seg)
+            if self.cache:
+                self._moving[rec.index] = hit
+        return hit
+
+    def _tensors(self, p: Preprocessed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        img = torch.from_numpy(p.image).float().unsqueeze(0)
+        msk = torch.from_numpy(p.mask.astype(np.float32)).unsqueeze(0) if p.mask is not None else torch.ones_like(img)
+        seg = torch.from_numpy(p.seg.astype(np.int64)).unsqueeze(0) if p.seg is not None else torch.zeros(img.shape, dtype=torch.int64)
+        return img, msk, seg
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self.records):
+            raise IndexError(f"PairDataset: index {i} out of range for {len(self.records)} pairs")
+        rec = self.records[i]
+        f_img, f_msk, f_seg = self._tensors(self._load_fixed(rec))
+        m_img, m_msk, m_seg = self._tensors(self._load_moving(rec))
+        return {
+            "fixed": f_img,
+            "moving": m_img,
+            "fixed_mask": f_msk,
+            "moving_mask": m_msk,
+            "fixed_seg": f_seg,
+            "moving_seg": m_seg,
+            "has_seg": torch.tensor(rec.has_seg),
+            "index": torch.tensor(rec.index, dtype=torch.int64),
+            "pair_id": self.pair_ids[i],
+            "affine": torch.from_numpy(np.array(self.grid.affine, dtype=np.float64)),
+        }

