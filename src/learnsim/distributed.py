@@ -13,11 +13,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import Sampler
 
-__all__ = ["ManualSyncDDPStrategy", "RankShardSampler", "average_gradients"]
+__all__ = ["ManualSyncDDPStrategy", "RankShardSampler", "average_gradients", "broadcast_module"]
 
 
 class ManualSyncDDPStrategy(DDPStrategy):
@@ -27,7 +26,7 @@ class ManualSyncDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         assert self.model is not None
-        _sync_module_states(self.model)  # identical initial weights on every rank
+        broadcast_module(self.model)  # identical initial weights on every rank
 
 
 class RankShardSampler(Sampler[int]):
@@ -57,6 +56,16 @@ class RankShardSampler(Sampler[int]):
             return iter(self.indices)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter([self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()])
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (what DDP does when it wraps a module)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if isinstance(t, torch.Tensor):
+                dist.broadcast(t, src)
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:

@@ -7,6 +7,7 @@ Both are ``N(mu, diag(sigma^2) + sum_r u_r u_r^T)`` over a volume-shaped event. 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,29 @@ from torch import Tensor, nn
 
 from learnsim.energies import low_rank_entropy
 
-__all__ = ["LowRankParams", "antithetic_samples", "init_q_v", "QF"]
+__all__ = ["LowRankParams", "antithetic_samples", "init_q_v", "QF", "Generators", "randn", "rand"]
+
+# One generator for the whole batch, one per batch element (reproducible per pair whatever the batch/DDP layout),
+# or None for the global RNG.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _draw(fn, shape: Sequence[int], like: Tensor, generator: Generators) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn(tuple(shape), device=like.device, dtype=like.dtype, generator=generator)
+    if len(generator) != shape[0]:
+        raise ValueError(f"need one generator per batch element: {shape[0]} elements, {len(generator)} generators")
+    return torch.stack([fn(tuple(shape[1:]), device=like.device, dtype=like.dtype, generator=g) for g in generator])
+
+
+def randn(shape: Sequence[int], like: Tensor, generator: Generators = None) -> Tensor:
+    """Standard normal draws shaped ``shape`` on ``like``'s device and dtype (see :data:`Generators`)."""
+    return _draw(torch.randn, shape, like, generator)
+
+
+def rand(shape: Sequence[int], like: Tensor, generator: Generators = None) -> Tensor:
+    """U(0, 1) draws shaped ``shape`` on ``like``'s device and dtype (see :data:`Generators`)."""
+    return _draw(torch.rand, shape, like, generator)
 
 
 @dataclass
@@ -36,7 +59,7 @@ class LowRankParams:
         return LowRankParams(self.loc.detach(), self.log_var.detach(), self.u.detach())
 
 
-def antithetic_samples(p: LowRankParams, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def antithetic_samples(p: LowRankParams, generator: Generators = None) -> tuple[Tensor, Tensor]:
     """Reparameterised antithetic pair ``mu +/- (sigma * eps + sum_r xi_r u_r)``.
 
     ``eps ~ N(0, I)`` voxel-wise and ``xi ~ N(0, I_r)`` one scalar per rank and batch element.
@@ -44,9 +67,9 @@ def antithetic_samples(p: LowRankParams, generator: torch.Generator | None = Non
     Returns:
         Two tensors shaped like ``p.loc``.
     """
-    eps = torch.randn(p.loc.shape, device=p.loc.device, dtype=p.loc.dtype, generator=generator)
+    eps = randn(p.loc.shape, p.loc, generator)
     b, r = p.u.shape[:2]
-    xi = torch.randn((b, r), device=p.loc.device, dtype=p.loc.dtype, generator=generator)
+    xi = randn((b, r), p.loc, generator)
     xi = xi.view(b, r, *([1] * (p.u.dim() - 2)))
     noise = torch.exp(0.5 * p.log_var) * eps + (xi * p.u).sum(1)
     return p.loc + noise, p.loc - noise

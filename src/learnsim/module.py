@@ -40,6 +40,7 @@ How q_f is trained (``q_f_objective``):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor
 
 from learnsim.distributed import average_gradients
-from learnsim.distributions import QF, antithetic_samples
+from learnsim.distributions import QF, antithetic_samples, rand
 from learnsim.energies import RegLossL2
 from learnsim.metric import SimilarityMetric
 from learnsim.registration import VariationalRegistration
@@ -65,7 +66,7 @@ OptimFactory = Callable[..., torch.optim.Optimizer]
 
 
 def _adam(lr: float) -> OptimFactory:
-    return lambda params: torch.optim.Adam(params, lr=lr)
+    return functools.partial(torch.optim.Adam, lr=lr)  # picklable, for spawned DDP processes
 
 
 class LearnSimModule(pl.LightningModule):
@@ -88,6 +89,9 @@ class LearnSimModule(pl.LightningModule):
         log_period: q_v iterations between logged losses (and progress-bar postfix updates).
         no_iters_val: q_v iterations for validation pairs (fresh q_v, frozen metric).
         amp: bf16 autocast for the energies on CUDA.
+        seed: random draws (q_v samples, coordinate noise) come from one generator per pair seeded by
+            ``(seed, epoch, pair index)``, and q_f's from ``(seed, epoch, batch index)``: a run is reproducible and
+            does not depend on the batch size or the number of DDP processes.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class LearnSimModule(pl.LightningModule):
         no_iters_val: int | None = None,
         amp: bool = False,
         structures: list[int] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -136,6 +141,7 @@ class LearnSimModule(pl.LightningModule):
         self.no_iters_val = int(no_iters_val) if no_iters_val is not None else self.no_iters_q_v
         self.structures = list(structures) if structures else None
         self._atlas_set = False
+        self.seed = int(seed)
         # the metric must be rebuildable from the checkpoint alone (learnsim.api.load_metric)
         self.save_hyperparameters({"metric_spec": metric.spec, "dims": list(self.dims)})
 
@@ -167,8 +173,14 @@ class LearnSimModule(pl.LightningModule):
         placeholder = lambda: [torch.nn.Parameter(torch.zeros(1, device=self.device))]  # noqa: E731
         opt_f = self._opt_factories[0](f_params or placeholder())
         opt_phi = self._opt_factories[1](phi_params or placeholder())
-        opt_v = self._opt_factories[2](placeholder())
+        self._q_v_placeholder = placeholder()
+        opt_v = self._opt_factories[2](self._q_v_placeholder)
         return [opt_f, opt_phi, opt_v]
+
+    def _generator(self, *key: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(hash((self.seed, *key)) & 0x7FFFFFFFFFFFFFFF)
+        return g
 
     # ------------------------------------------------------------------------------------------ training
     def _inner_progress(self, total: int):
@@ -204,23 +216,28 @@ class LearnSimModule(pl.LightningModule):
         init = self.registration.init_params(b, shape, self.device)
         params, found = self.state.load(indices, init)
         bar, update, every = self._inner_progress(self.no_iters_q_v)
+        gens = [self._generator(0, self.current_epoch, i) for i in indices]
         try:
             fit = self.registration.fit(
-                fixed, moving, mask, params, training=True, optimizer=opt_v.optimizer, progress=update, log_every=every
+                fixed, moving, mask, params, training=True, optimizer=opt_v.optimizer, progress=update, log_every=every,
+                generator=gens,
             )
         finally:
             if bar is not None:
                 bar.close()
+            # q_v's Adam state belongs to this batch only; keep it out of checkpoints
+            opt_v.optimizer.state.clear()
+            opt_v.optimizer.param_groups[0]["params"] = self._q_v_placeholder
         self.state.save(indices, fit.params)
 
         # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
         with torch.no_grad():
-            v_sample, _ = antithetic_samples(fit.params)
+            v_sample, _ = antithetic_samples(fit.params, gens)
             _, disp = self.registration.displacement(v_sample, shape)
             if self.registration.uniform_noise > 0:
-                disp = disp + (torch.rand_like(disp) * 2 - 1) * self.registration.uniform_noise
+                disp = disp + (rand(disp.shape, disp, gens) * 2 - 1) * self.registration.uniform_noise
             warped = warp(moving, disp)
-        f1, f2 = self.q_f.sample_antithetic()
+        f1, f2 = self.q_f.sample_antithetic(self._generator(1, self.current_epoch, batch_idx))
         feat_w = self.metric.features(warped)
         e_fixed = self.metric.energy_from_features(self.metric.features(fixed), feat_w, mask)
         e_1 = self.metric.energy_from_features(self.metric.features(f1), feat_w, mask)
@@ -266,11 +283,12 @@ class LearnSimModule(pl.LightningModule):
             on_epoch=True,
             prog_bar=False,
             batch_size=b,
-            sync_dist=False,
+            sync_dist=True,  # one small all-reduce per step, negligible next to the q_v loop
         )
         if self.metric.encoder is not None:
             w = self.metric.encoder.aggregation.weight.detach().flatten()
-            self.log_dict({f"metric/aggregation_w{i}": w[i] for i in range(w.numel())}, on_step=False, on_epoch=True, batch_size=b)
+            self.log_dict({f"metric/aggregation_w{i}": w[i] for i in range(w.numel())}, on_step=False, on_epoch=True, batch_size=b,
+                          sync_dist=True)
         if batch_idx == 0:
             self._log_images(fixed, moving, warped, f1)
         return q_v_loss.detach()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from learnsim.distributions import LowRankParams, antithetic_samples, init_q_v
+from learnsim.distributions import Generators, LowRankParams, antithetic_samples, init_q_v, rand
 from learnsim.energies import RegLossL2
 from learnsim.metric import SimilarityMetric
 from learnsim.sobolev import SobolevSmoother
@@ -115,7 +115,7 @@ class VariationalRegistration:
         moving: Tensor,
         mask: Tensor | None,
         training: bool,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Tensor:
         """The q_v loss per pair ``[B]`` for one antithetic pair of samples.
 
@@ -124,13 +124,16 @@ class VariationalRegistration:
             moving: ``[B, 1, D, H, W]``.
             mask: ``[1 or B, 1, D, H, W]`` or None.
             training: add the uniform coordinate noise.
+            generator: one generator, one per pair (reproducible per pair), or None (global RNG).
         """
         b = moving.shape[0]
         shape = moving.shape[2:]
         v1, v2 = antithetic_samples(params, generator)
         v, disp = self.displacement(torch.cat([v1, v2]), shape)
         if training and self.uniform_noise > 0:
-            disp = disp + (torch.rand_like(disp) * 2 - 1) * self.uniform_noise
+            # antithetic halves get independent noise, drawn from the same per-pair generators
+            noise = torch.cat([rand((b, *disp.shape[1:]), disp, generator) for _ in range(2)])
+            disp = disp + (noise * 2 - 1) * self.uniform_noise
         with self._autocast(moving.device):
             warped = warp(moving.repeat(2, 1, 1, 1, 1), disp)
             feat_warped = self.metric.features(warped)
@@ -151,7 +154,7 @@ class VariationalRegistration:
         optimizer: torch.optim.Optimizer | None = None,
         progress: ProgressFn | None = None,
         log_every: int = 0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> FitResult:
         """Fit q_v for a batch of pairs with the metric frozen.
 
@@ -224,7 +227,7 @@ class VariationalRegistration:
 
     @torch.no_grad()
     def sample_displacements(
-        self, params: LowRankParams, shape: Sequence[int], n: int, generator: torch.Generator | None = None
+        self, params: LowRankParams, shape: Sequence[int], n: int, generator: Generators = None
     ) -> Tensor:
         """``n`` displacements drawn from q_v (in antithetic pairs), ``[n, B, 3, D, H, W]`` voxels."""
         out = []

@@ -1,0 +1,178 @@
+"""``learnsim-test ckpt=PATH [+experiment=...] [overrides]`` or ``learnsim-test metric=ssd|lcc``: evaluation.
+
+For each test pair: fit q_v from scratch with the frozen metric (learnt from the checkpoint, or a baseline),
+draw samples, warp image and segmentation per sample, and hand everything to
+:class:`learnsim.evaluation.evaluator.Evaluator`, which writes ``metrics.csv``, ``per_pair.csv``,
+``summary.json``, the NIfTI maps and the figures into the run folder. A VoxelMorph checkpoint is evaluated the
+same way (one deterministic sample per pair, optional instance optimisation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from learnsim.api import load_metric, resolve_device
+from learnsim.cli.config import config_dir, to_container
+from learnsim.evaluation.evaluator import Evaluator
+from learnsim.registration import VariationalRegistration
+
+log = logging.getLogger("learnsim.test")
+
+
+def _is_voxelmorph(ckpt: dict) -> bool:
+    return any(k.startswith("net.") for k in ckpt.get("state_dict", {}))
+
+
+def _compare_with_training(cfg: DictConfig, train_cfg: dict | None) -> list[str]:
+    """Settings that differ between the checkpoint's training run and this evaluation (printed, not fatal)."""
+    if not train_cfg:
+        return []
+    notes = []
+    checks = {
+        "data.dims": (list(cfg.data.dims), train_cfg.get("data", {}).get("dims")),
+        "reg_loss.w_reg": (cfg.reg_loss.w_reg, train_cfg.get("reg_loss", {}).get("w_reg")),
+        "transformation.no_steps": (cfg.transformation.no_steps, train_cfg.get("transformation", {}).get("no_steps")),
+    }
+    for key, (now, then) in checks.items():
+        if then is not None and now != then:
+            notes.append(f"{key} is {now} here but was {then} in training (pass the training run's +experiment=... to match)")
+    return notes
+
+
+def _log_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict) -> None:
+    if not cfg.get("logger") or "_target_" not in cfg.logger or "Wandb" not in cfg.logger._target_:
+        return
+    try:
+        import wandb
+    except ImportError:
+        return
+    mode = "offline" if cfg.logger.get("offline", True) else "online"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=cfg.logger.get("project", "learnsim"), name=str(cfg.name), dir=str(out_dir), mode=mode,
+                     config=to_container(cfg), job_type="test")
+    try:
+        import pandas as pd
+
+        run.log({"metrics": wandb.Table(dataframe=pd.read_csv(out_dir / "metrics.csv"))})
+        run.log({"per_pair": wandb.Table(dataframe=pd.read_csv(out_dir / "per_pair.csv"))})
+        flat = {}
+        for k, v in summary.items():
+            if isinstance(v, (int, float)):
+                flat[f"summary/{k}"] = v
+        run.summary.update(flat)
+        for png in sorted(out_dir.glob("*.png")):
+            run.log({f"figures/{png.stem}": wandb.Image(str(png))})
+    finally:
+        run.finish()
+
+
+def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
+    """Run the evaluation described by a composed test config; returns the summary dict."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
+    notes: list[str] = []
+
+    vxm = None
+    if cfg.ckpt:
+        ckpt_path = Path(cfg.ckpt)
+        if not ckpt_path.is_file():
+            raise SystemExit(f"learnsim-test: checkpoint {ckpt_path} does not exist")
+        raw = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if _is_voxelmorph(raw):
+            from learnsim.voxelmorph import VoxelMorphModule
+
+            vxm = VoxelMorphModule.load_from_checkpoint(ckpt_path, map_location=device).eval()
+            metric = vxm.metric
+        else:
+            metric = load_metric(ckpt_path)
+        notes += _compare_with_training(cfg, raw.get("learnsim_config"))
+        del raw
+    else:
+        metric = instantiate(cfg.metric)
+    metric = metric.to(device).eval()
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test" if cfg.split == "test" else "validate")
+    loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+
+    registration = VariationalRegistration(
+        metric,
+        instantiate(cfg.transformation),
+        instantiate(cfg.reg_loss),
+        instantiate(cfg.sobolev).to(device),
+        no_iters=cfg.q_v.no_iters,
+        lr=cfg.optimizer.q_v.lr,
+        sigma_init=cfg.q_v.sigma_init,
+        u_init=cfg.q_v.u_init,
+        rank=cfg.q_v.rank,
+        uniform_noise=0.0,  # never at test time
+        amp=cfg.amp,
+    )
+    evaluator = Evaluator(
+        out_dir, save_nifti=cfg.save_nifti, figures=cfg.figures, seed=cfg.seed, metric_samples=cfg.no_samples,
+        run_name=str(cfg.name),
+    )
+    n_draw = max(int(cfg.no_samples), int(cfg.no_samples_uncertainty))
+    for note in notes:
+        print(f"learnsim-test: note: {note}")
+    for i, batch in enumerate(loader):
+        if cfg.max_pairs is not None and i >= cfg.max_pairs:
+            break
+        fixed = batch["fixed"].to(device)
+        moving = batch["moving"].to(device)
+        mask = batch["fixed_mask"].to(device)
+        shape = moving.shape[2:]
+        if vxm is not None:
+            mean_disp, samples, seconds = vxm.register_batch(fixed, moving, mask, no_samples=1,
+                                                             instance_optimisation_iters=int(cfg.get("instance_optimisation_iters", 0)))
+            extra = {}
+        else:
+            t0 = time.perf_counter()
+            fit = registration.fit(fixed, moving, mask, training=False)
+            mean_disp = registration.mean_displacement(fit.params, shape)
+            samples = registration.sample_displacements(fit.params, shape, n_draw)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            extra = {"final_loss": float(fit.loss.mean()), "fit_seconds": fit.seconds}
+        has_seg = bool(batch["has_seg"][0])
+        row = evaluator.add_pair(
+            str(batch["pair_id"][0]),
+            fixed.cpu(), moving.cpu(),
+            batch["fixed_seg"] if has_seg else None,
+            batch["moving_seg"] if has_seg else None,
+            batch["fixed_mask"], batch["affine"][0],
+            samples.cpu(), mean_disp.cpu(), seconds, extra,
+        )
+        print(f"learnsim-test: pair {batch['pair_id'][0]}: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "pair"))
+    summary = evaluator.finalize()
+    summary["notes"] = notes
+    (out_dir / "config.json").write_text(json.dumps(to_container(cfg), indent=2, default=str))
+    _log_to_wandb(cfg, out_dir, summary)
+    print(f"learnsim-test: results in {out_dir}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="test")
+def _main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()
