@@ -117,7 +117,7 @@ def read_pairs(csv_path: str | os.PathLike) -> tuple[list[dict[str, str]], list[
         if len(raw) != len(header):
             problems.append(f"row {lineno - 2} (line {lineno}): {len(raw)} field(s), header has {len(header)}")
         rows.append({h: (raw[i].strip() if i < len(raw) else "") for i, h in enumerate(header)})
-    if not rows:
+    if not rows and not missing:
         problems.append("the pair list has a header but no rows")
     return rows, header, problems
 
@@ -166,7 +166,7 @@ def validate_pairs(
             s = cache[key]
             if s.error:
                 problems.append(f"{where}, column '{col}', file {cell}: {s.error}")
-            if kind == "seg" and s.labels is not None and required:
+            if kind == "seg" and s.labels and required:  # an empty map is reported once, above
                 absent = [r for r in required if r not in s.labels]
                 if absent:
                     problems.append(f"{where}, column '{col}', file {cell}: label map is missing required structure(s) {absent}")
