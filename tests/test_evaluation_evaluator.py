@@ -232,3 +232,17 @@ def test_figure_functions_write_pngs(tmp_path: Path) -> None:
     )
     calibration_plot({"baseline": bins, "learnt": bins * 1.1}, tmp_path / "cal.png")
     _png_ok(tmp_path / "cal.png")
+
+
+def test_structure_missing_from_moving_is_nan_not_zero(tmp_path: Path) -> None:
+    ph = _phantom()
+    moving_seg = ph["seg"].clone()
+    moving_seg[moving_seg == 49] = 0  # the moving subject has no R thalamus label at all
+    ev = Evaluator(tmp_path, structures=STRUCTS, figures=False, save_nifti=False)
+    zeros = torch.zeros(2, 1, 3, *SHAPE)
+    ev.add_pair("m", ph["img"], ph["img"], ph["seg"], moving_seg, None, AFFINE, zeros, zeros[0], 0.0)
+    summary = ev.finalize()
+    rows = pd.read_csv(tmp_path / "metrics.csv").set_index(["sample", "label"])
+    assert rows.loc[(0, 49), ["dsc", "asd_mm", "hd95_mm"]].isna().all()
+    assert rows.loc[(0, 10), "dsc"] == pytest.approx(1.0)
+    assert summary["structures"]["R thalamus"]["dsc"]["n_nan"] == 2

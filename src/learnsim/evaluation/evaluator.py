@@ -21,6 +21,10 @@ Outputs under ``out_dir`` (all written atomically):
   pairs and pooled).
 * ``boxplots.png`` (DSC, ASD, HD95 per structure) and ``calibration.png``.
 
+Structures missing from the fixed segmentation, or from the moving segmentation before warping (nothing to
+register), get NaN DSC / ASD / HD95; a structure the warp loses entirely gets DSC 0 and NaN distances (see
+:mod:`learnsim.evaluation.metrics`). Summaries skip NaNs and count them (``n_nan``).
+
 Regularity (folding, SDlogJ) is of the posterior-mean transformation: folding over the whole grid (and inside the
 mask as ``folding_*_mask``), SDlogJ inside the fixed brain mask when one is given.
 """
@@ -163,12 +167,15 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------------------------
     def _metric_rows(
-        self, pair_id: str, sample: int, warped_seg: Tensor, fixed_seg: Tensor, spacing
+        self, pair_id: str, sample: int, warped_seg: Tensor, fixed_seg: Tensor, spacing, unlabelled: set[int]
     ) -> list[dict]:
-        res = structure_metrics(warped_seg, fixed_seg, self.structures, spacing, surface=self.surface_metrics)
+        # structures the moving segmentation does not label at all were never registrable: NaN, not DSC 0
+        labels = [k for k in self.structures if k not in unlabelled]
+        res = structure_metrics(warped_seg, fixed_seg, labels, spacing, surface=self.surface_metrics)
+        nan = {"dsc": float("nan"), "asd_mm": float("nan"), "hd95_mm": float("nan")}
         return [
-            {"pair": pair_id, "sample": sample, "structure": self.structures[label], "label": label, **vals}
-            for label, vals in res.items()
+            {"pair": pair_id, "sample": sample, "structure": name, "label": label, **res.get(label, nan)}
+            for label, name in self.structures.items()
         ]
 
     def _calibration_region(
@@ -269,15 +276,19 @@ class Evaluator:
         warped_seg_mean = None
         calib: dict[str, float] = {"spearman_disagreement": float("nan"), "spearman_error": float("nan")}
         if has_seg:
+            present = set(torch.unique(moving_seg).tolist())
+            unlabelled = {k for k in self.structures if k not in present}
             warped_seg_mean = warp_labels(moving_seg, mean_disp)
-            self._mean_rows.extend(self._metric_rows(pair_id, -1, warped_seg_mean, fixed_seg, spacing))
+            self._mean_rows.extend(
+                self._metric_rows(pair_id, -1, warped_seg_mean, fixed_seg, spacing, unlabelled)
+            )
             # Stream over samples: one warped segmentation in memory at a time.
             counter = DisagreementCounter(self.structures, shape, device)
             for i in range(n):
                 ws = warp_labels(moving_seg, sample_disps[i])
                 counter.update(ws)
                 if i < n_metric:
-                    rows.extend(self._metric_rows(pair_id, i, ws, fixed_seg, spacing))
+                    rows.extend(self._metric_rows(pair_id, i, ws, fixed_seg, spacing, unlabelled))
             disagreement = counter.compute()
             del counter
             error = segmentation_error(warped_seg_mean, fixed_seg, self.structures)

@@ -259,7 +259,7 @@ def output_grid(
                         cmap="inferno",
                         vmin=0.0,
                         vmax=vmax_unc,
-                        alpha=0.75,
+                        alpha=0.6,
                         aspect=view.aspect,
                         interpolation="nearest",
                     )
