@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="ssd", help="ssd | lcc | path to a learnsim checkpoint (.ckpt)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("overrides", nargs="*", help=f"key=value, keys: {', '.join(sorted(_OVERRIDABLE))}")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     kwargs = _parse_overrides(args.overrides)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
