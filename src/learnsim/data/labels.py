@@ -43,9 +43,22 @@ SUBCORTICAL: tuple[int, ...] = (10, 11, 12, 13, 17, 18, 49, 50, 51, 52, 53, 54)
 
 #: CerebrA label -> FreeSurfer id (left: 52-102, right: 1-51).
 CEREBRA_TO_FS: dict[int, int] = {
-    91: 10, 100: 11, 72: 12, 78: 13, 99: 17, 70: 18, 55: 26,  # left
-    40: 49, 49: 50, 21: 51, 27: 52, 48: 53, 19: 54, 4: 58,  # right
-    11: 16, 62: 16,  # brain stem (CerebrA splits it by hemisphere)
+    91: 10,
+    100: 11,
+    72: 12,
+    78: 13,
+    99: 17,
+    70: 18,
+    55: 26,  # left
+    40: 49,
+    49: 50,
+    21: 51,
+    27: 52,
+    48: 53,
+    19: 54,
+    4: 58,  # right
+    11: 16,
+    62: 16,  # brain stem (CerebrA splits it by hemisphere)
 }
 
 

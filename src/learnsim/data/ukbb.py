@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from learnsim.data.cohort import is_finished, read_manifest, write_json, write_pairs_csv, write_subject
+from learnsim.data.cohort import (
+    is_finished,
+    read_manifest,
+    remove_partials,
+    write_json,
+    write_pairs_csv,
+    write_subject,
+)
 from learnsim.data.preprocess import Volume, as_dims, preprocess, target_grid
 from learnsim.data.validate import DataValidationError
 
@@ -92,6 +99,7 @@ def build_ukbb(
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    remove_partials(out)
     manifest_path = out / "manifest.json"
     if link_originals:
         a = files(atlas_id)
@@ -99,36 +107,70 @@ def build_ukbb(
             rows = []
             for sid in ids:
                 m = files(sid)
-                rows.append({"fixed": str(a["image"].resolve()), "moving": str(m["image"].resolve()),
-                             "fixed_mask": str(a["mask"].resolve()) if a["mask"] else "", "moving_mask": str(m["mask"].resolve()) if m["mask"] else "",
-                             "fixed_seg": str(a["seg"].resolve()) if a["seg"] else "", "moving_seg": str(m["seg"].resolve()) if m["seg"] else ""})
+                rows.append(
+                    {
+                        "fixed": str(a["image"].resolve()),
+                        "moving": str(m["image"].resolve()),
+                        "fixed_mask": str(a["mask"].resolve()) if a["mask"] else "",
+                        "moving_mask": str(m["mask"].resolve()) if m["mask"] else "",
+                        "fixed_seg": str(a["seg"].resolve()) if a["seg"] else "",
+                        "moving_seg": str(m["seg"].resolve()) if m["seg"] else "",
+                    }
+                )
             write_pairs_csv(out / f"{split}.csv", rows)
-        manifest = {"what": "UK Biobank-style cohort, pair lists pointing at the original files", "root": str(root.resolve()),
-                    "atlas": atlas_id, "dims": list(dims), "names": names, "splits": splits}
+        manifest = {
+            "what": "UK Biobank-style cohort, pair lists pointing at the original files",
+            "root": str(root.resolve()),
+            "atlas": atlas_id,
+            "dims": list(dims),
+            "names": names,
+            "splits": splits,
+        }
         write_json(manifest_path, manifest)
-        log(f"[learnsim-data] wrote pair lists for {sum(map(len, splits.values()))} subjects in {out} (originals linked)")
+        log(
+            f"[learnsim-data] wrote pair lists for {sum(map(len, splits.values()))} subjects in {out} (originals linked)"
+        )
         return manifest
 
-    old = {e["id"]: e for e in read_manifest(manifest_path).get("volumes", []) if isinstance(e, dict) and "id" in e}
+    old = {
+        e["id"]: e
+        for e in read_manifest(manifest_path).get("volumes", [])
+        if isinstance(e, dict) and "id" in e
+    }
     atlas_vol = Volume.load(root / atlas_id / image_name)
     grid = target_grid(atlas_vol.data.shape, atlas_vol.affine, dims)
     entries = []
 
     def manifest(complete: bool) -> dict:
-        return {"what": "UK Biobank-style cohort preprocessed by learnsim (RAS, centred cube, resized, min-max [0, 1])",
-                "complete": complete, "root": str(root.resolve()), "atlas": atlas_id, "grid": grid.to_dict(),
-                "names": names, "splits": splits, "volumes": entries}
+        return {
+            "what": "UK Biobank-style cohort preprocessed by learnsim (RAS, centred cube, resized, min-max [0, 1])",
+            "complete": complete,
+            "root": str(root.resolve()),
+            "atlas": atlas_id,
+            "grid": grid.to_dict(),
+            "names": names,
+            "splits": splits,
+            "volumes": entries,
+        }
 
     def process(sid: str, rel: str, split: str) -> dict:
         f = files(sid)
-        spec = {"version": UKBB_VERSION, "dims": list(dims), "inputs": {k: _fingerprint(p) for k, p in f.items() if p}}
+        spec = {
+            "version": UKBB_VERSION,
+            "dims": list(dims),
+            "inputs": {k: _fingerprint(p) for k, p in f.items() if p},
+        }
         entry = {"id": rel, "subject": sid, "split": split, "spec": spec}
         if is_finished(out, old.get(rel), spec):
             entry["files"] = old[rel]["files"]
             log(f"[learnsim-data] {sid}: up to date")
             return entry
-        p = preprocess(Volume.load(f["image"]), grid, Volume.load(f["mask"]) if f["mask"] else None,
-                       Volume.load(f["seg"]) if f["seg"] else None)
+        p = preprocess(
+            Volume.load(f["image"]),
+            grid,
+            Volume.load(f["mask"]) if f["mask"] else None,
+            Volume.load(f["seg"]) if f["seg"] else None,
+        )
         for note in p.notes:
             log(f"[learnsim-data]   {note}")
         entry["files"] = write_subject(out, rel, p, image_name="image.nii.gz")
@@ -145,13 +187,20 @@ def build_ukbb(
             entries.append(e)
             write_json(manifest_path, manifest(False))
             rel = f"subjects/{sid}"
-            rows.append({"fixed": "atlas/image.nii.gz", "moving": f"{rel}/image.nii.gz",
-                         "fixed_mask": "atlas/mask.nii.gz" if "atlas/mask.nii.gz" in atlas_entry["files"] else "",
-                         "moving_mask": f"{rel}/mask.nii.gz" if f"{rel}/mask.nii.gz" in e["files"] else "",
-                         "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in atlas_entry["files"] else "",
-                         "moving_seg": f"{rel}/seg.nii.gz" if f"{rel}/seg.nii.gz" in e["files"] else ""})
+            rows.append(
+                {
+                    "fixed": "atlas/image.nii.gz",
+                    "moving": f"{rel}/image.nii.gz",
+                    "fixed_mask": "atlas/mask.nii.gz" if "atlas/mask.nii.gz" in atlas_entry["files"] else "",
+                    "moving_mask": f"{rel}/mask.nii.gz" if f"{rel}/mask.nii.gz" in e["files"] else "",
+                    "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in atlas_entry["files"] else "",
+                    "moving_seg": f"{rel}/seg.nii.gz" if f"{rel}/seg.nii.gz" in e["files"] else "",
+                }
+            )
         write_pairs_csv(out / f"{split}.csv", rows)
     final = manifest(True)
     write_json(manifest_path, final)
-    log(f"[learnsim-data] UK Biobank-style cohort in {out}: {sum(map(len, splits.values()))} subjects, dims {dims}, {time.time() - t0:.1f} s")
+    log(
+        f"[learnsim-data] UK Biobank-style cohort in {out}: {sum(map(len, splits.values()))} subjects, dims {dims}, {time.time() - t0:.1f} s"
+    )
     return final

@@ -19,7 +19,14 @@ import numpy as np
 from learnsim.data.preprocess import Grid
 from learnsim.io import load_nifti
 
-__all__ = ["DataValidationError", "PairRecord", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "read_pairs", "validate_pairs"]
+__all__ = [
+    "DataValidationError",
+    "PairRecord",
+    "REQUIRED_COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "read_pairs",
+    "validate_pairs",
+]
 
 REQUIRED_COLUMNS = ("fixed", "moving")
 OPTIONAL_COLUMNS = ("fixed_mask", "moving_mask", "fixed_seg", "moving_seg")
@@ -115,7 +122,9 @@ def read_pairs(csv_path: str | os.PathLike) -> tuple[list[dict[str, str]], list[
     rows = []
     for lineno, raw in enumerate(lines[1:], start=2):
         if len(raw) != len(header):
-            problems.append(f"row {lineno - 2} (line {lineno}): {len(raw)} field(s), header has {len(header)}")
+            problems.append(
+                f"row {lineno - 2} (line {lineno}): {len(raw)} field(s), header has {len(header)}"
+            )
         rows.append({h: (raw[i].strip() if i < len(raw) else "") for i, h in enumerate(header)})
     if not rows and not missing:
         problems.append("the pair list has a header but no rows")
@@ -169,7 +178,9 @@ def validate_pairs(
             if kind == "seg" and s.labels and required:  # an empty map is reported once, above
                 absent = [r for r in required if r not in s.labels]
                 if absent:
-                    problems.append(f"{where}, column '{col}', file {cell}: label map is missing required structure(s) {absent}")
+                    problems.append(
+                        f"{where}, column '{col}', file {cell}: label map is missing required structure(s) {absent}"
+                    )
         for side in ("fixed", "moving"):
             ref = paths[side]
             ref_s = cache.get((ref, "image")) if ref is not None else None
@@ -186,12 +197,23 @@ def validate_pairs(
                         f"with column '{side}' file {row[side]}: {ref_s.grid!r} (affine {_fmt(ref_s.grid.affine)})"
                     )
         if paths["fixed"] is not None and paths["moving"] is not None:
-            records.append(PairRecord(i, paths["fixed"], paths["moving"], paths["fixed_mask"], paths["moving_mask"],
-                                      paths["fixed_seg"], paths["moving_seg"]))
+            records.append(
+                PairRecord(
+                    i,
+                    paths["fixed"],
+                    paths["moving"],
+                    paths["fixed_mask"],
+                    paths["moving_mask"],
+                    paths["fixed_seg"],
+                    paths["moving_seg"],
+                )
+            )
     if problems:
         raise DataValidationError(csv_path, problems)
     return records
 
 
 def _fmt(affine: np.ndarray) -> str:
-    return np.array2string(np.asarray(affine)[:3], precision=3, separator=",", suppress_small=True).replace("\n", "")
+    return np.array2string(np.asarray(affine)[:3], precision=3, separator=",", suppress_small=True).replace(
+        "\n", ""
+    )

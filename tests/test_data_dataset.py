@@ -1,0 +1,168 @@
+"""Dataset, DataModule and the UK Biobank layout on a synthetic cohort (different orientations/spacings per subject)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learnsim.cli.data import main as cli_main
+from learnsim.data.datamodule import PairDataModule
+from learnsim.data.dataset import BATCH_KEYS, PairDataset
+from learnsim.data.preprocess import Grid
+from learnsim.data.ukbb import UKBB_IMAGE, UKBB_MASK, UKBB_SEG, build_ukbb, read_ids
+from learnsim.data.validate import DataValidationError
+from learnsim.io import save_nifti
+
+quiet = lambda *_: None  # noqa: E731
+
+
+def _affine(spacing: float, flip_x: bool, shape) -> np.ndarray:
+    a = np.diag([-spacing if flip_x else spacing, spacing, spacing, 1.0])
+    a[:3, 3] = -a[:3, :3] @ ((np.array(shape) - 1) / 2)
+    return a
+
+
+def _subject(folder: Path, shift: float, spacing: float, flip_x: bool, shape=(26, 30, 24)) -> None:
+    """A world-space phantom (brain ellipsoid, two 'structures') rasterised on a subject-specific grid."""
+    g = Grid(shape, _affine(spacing, flip_x, shape))
+    xyz = g.world_coords() - np.array([shift, 0.0, 0.0])
+    brain = ((xyz / np.array([14.0, 17.0, 12.0])) ** 2).sum(-1) <= 1
+    img = np.where(brain, 100.0 + 20 * np.sin(xyz[..., 1] / 4.0), 0.0).astype(np.float32)
+    seg = np.zeros(shape, np.int16)
+    seg[((xyz - [-5, 0, 0]) ** 2).sum(-1) <= 16] = 10  # left (x < 0 in RAS)
+    seg[((xyz - [5, 0, 0]) ** 2).sum(-1) <= 16] = 49
+    save_nifti(folder / UKBB_IMAGE, img, g.affine)
+    save_nifti(folder / UKBB_MASK, brain.astype(np.uint8), g.affine)
+    save_nifti(folder / UKBB_SEG, seg, g.affine)
+
+
+@pytest.fixture
+def ukbb_root(tmp_path: Path) -> Path:
+    root = tmp_path / "ukbb"
+    specs = {
+        "1000": (0.0, 1.0, False),
+        "1001": (1.0, 1.5, True),
+        "1002": (-1.0, 1.25, False),
+        "1003": (0.5, 1.0, True),
+        "1004": (0.0, 2.0, True),
+    }
+    for sid, (shift, sp, flip) in specs.items():
+        _subject(root / sid, shift, sp, flip)
+    (tmp_path / "train.txt").write_text("# training ids\n1000\n1001\n1002\n\n")
+    (tmp_path / "test.txt").write_text("1003, extra column\n1004\n")
+    return root
+
+
+def test_read_ids(ukbb_root: Path):
+    assert read_ids(ukbb_root.parent / "train.txt") == ["1000", "1001", "1002"]
+    assert read_ids(ukbb_root.parent / "test.txt") == ["1003", "1004"]
+
+
+def test_ukbb_preprocessed_and_linked_give_the_same_tensors(ukbb_root: Path, tmp_path: Path):
+    out = tmp_path / "pre"
+    assert (
+        cli_main(
+            [
+                "ukbb",
+                "--root",
+                str(ukbb_root),
+                "--atlas",
+                "1000",
+                "--ids",
+                str(tmp_path / "train.txt"),
+                "--test-ids",
+                str(tmp_path / "test.txt"),
+                "--out",
+                str(out),
+                "--dims",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert (out / "val.csv").read_text().strip() == "fixed,moving,fixed_mask,moving_mask,fixed_seg,moving_seg"
+    pre = PairDataset(out / "train.csv", dims=20, structures=[10, 49])
+    assert len(pre) == 2 and pre.pair_ids == ["1001", "1002"]  # the atlas is left out of the moving subjects
+    assert pre.notes == []  # written on the working grid: no second interpolation
+    build_ukbb(
+        ukbb_root,
+        "1000",
+        ["1000", "1001", "1002"],
+        tmp_path / "link",
+        dims=20,
+        link_originals=True,
+        log=quiet,
+    )
+    raw = PairDataset(tmp_path / "link" / "train.csv", dims=20, structures=[10, 49])
+    assert any("resampled" in n for n in raw.notes)
+    for i in range(2):
+        a, b = pre[i], raw[i]
+        for k in BATCH_KEYS:
+            if isinstance(a[k], torch.Tensor):
+                torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+            else:
+                assert a[k] == b[k]
+    # left structure on the left of the RAS grid for a subject stored LAS
+    it = pre[0]
+    left = np.argwhere(it["moving_seg"][0].numpy() == 10).mean(0)
+    right = np.argwhere(it["moving_seg"][0].numpy() == 49).mean(0)
+    assert left[0] < right[0]  # RAS: index along axis 0 grows to the right
+
+
+def test_ukbb_reports_all_missing_files(ukbb_root: Path, tmp_path: Path):
+    (ukbb_root / "1001" / UKBB_SEG).unlink()
+    with pytest.raises(DataValidationError) as err:
+        build_ukbb(ukbb_root, "1000", ["1001", "9999"], tmp_path / "o", dims=16, log=quiet)
+    msgs = err.value.problems
+    assert any("1001" in m and "seg" in m for m in msgs)
+    assert sum("9999" in m for m in msgs) == 3  # image, mask and seg of the unknown subject
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_ukbb_rerun_skips_finished(ukbb_root: Path, tmp_path: Path, capsys):
+    kw = dict(root=ukbb_root, atlas_id="1000", train_ids=["1001"], out=tmp_path / "o", dims=16)
+    build_ukbb(**kw)
+    first = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    build_ukbb(**kw)
+    assert "up to date" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == first
+
+
+def test_datamodule_batches(ukbb_root: Path, tmp_path: Path):
+    build_ukbb(
+        ukbb_root, "1000", ["1001", "1002", "1003"], tmp_path / "o", test_ids=["1004"], dims=16, log=quiet
+    )
+    dm = PairDataModule(
+        tmp_path / "o" / "train.csv",
+        None,
+        tmp_path / "o" / "test.csv",
+        dims=[16, 16, 16],
+        batch_size=2,
+        structures=[10, 49],
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == set(BATCH_KEYS)
+    assert batch["fixed"].shape == (2, 1, 16, 16, 16) and batch["moving_seg"].dtype == torch.int64
+    assert (
+        batch["has_seg"].dtype == torch.bool
+        and batch["index"].dtype == torch.int64
+        and len(batch["pair_id"]) == 2
+    )
+    assert batch["affine"].shape == (2, 4, 4) and batch["affine"].dtype == torch.float64
+    assert dm.val_dataloader() == []  # no validation list: Lightning skips validation
+    dm.setup("test")
+    tb = list(dm.test_dataloader())
+    assert len(tb) == 1 and tb[0]["fixed"].shape[0] == 1 and tb[0]["pair_id"] == ["1004"]
+
+
+def test_dataset_without_masks_or_segs(ukbb_root: Path, tmp_path: Path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"fixed,moving\n{ukbb_root / '1000' / UKBB_IMAGE},{ukbb_root / '1001' / UKBB_IMAGE}\n")
+    item = PairDataset(csv, dims=12)[0]
+    assert (item["fixed_mask"] == 1).all() and (item["moving_seg"] == 0).all() and not item["has_seg"].item()
+    assert item["pair_id"] == "1001"
