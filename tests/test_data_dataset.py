@@ -166,3 +166,19 @@ def test_dataset_without_masks_or_segs(ukbb_root: Path, tmp_path: Path):
     item = PairDataset(csv, dims=12)[0]
     assert (item["fixed_mask"] == 1).all() and (item["moving_seg"] == 0).all() and not item["has_seg"].item()
     assert item["pair_id"] == "1001"
+
+
+def test_datamodule_shards_pairs_by_rank(ukbb_root: Path, tmp_path: Path):
+    ids = ["1001", "1002", "1003", "1004"]
+    build_ukbb(ukbb_root, "1000", ids, tmp_path / "o", dims=12, log=quiet)
+    seen = []
+    for rank in range(2):
+        dm = PairDataModule(tmp_path / "o" / "train.csv", dims=12, shuffle=True)
+        dm._rank_world = lambda r=rank: (r, 2)  # what a 2-process Trainer reports
+        dm.setup("fit")
+        rows = [int(b["index"]) for b in dm.train_dataloader()]
+        assert sorted(rows) == [i for i in range(4) if i % 2 == rank]
+        seen += rows
+    assert sorted(seen) == [0, 1, 2, 3]
+    atlas = dm.atlas()
+    assert atlas.shape == (1, 1, 12, 12, 12) and torch.equal(atlas[0], dm.train_set[0]["fixed"])

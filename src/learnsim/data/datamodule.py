@@ -1,4 +1,11 @@
-"""Lightning DataModule over :class:`learnsim.data.dataset.PairDataset` (no Hydra needed to use it)."""
+"""Lightning DataModule over :class:`learnsim.data.dataset.PairDataset` (no Hydra needed to use it).
+
+Sharding: the module keeps per-pair q_v state on the rank that owns the pair, so the loaders use
+:class:`learnsim.distributed.RankShardSampler` (rank ``r`` of ``w`` always gets rows ``i % w == r``; short shards
+are padded by repeating pairs, so with several ranks a pair may be seen twice per epoch: key per-pair results by
+``index``). Run the Trainer with ``use_distributed_sampler=False``. On one process this is a plain (shuffled)
+loader.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,12 @@ import os
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from learnsim.data.dataset import PairDataset
+from learnsim.distributed import RankShardSampler
 
 __all__ = ["PairDataModule"]
 
@@ -33,6 +43,7 @@ class PairDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         structures: Sequence[int] | None = None,
         shuffle: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         self.train_csv = train_csv if _given(train_csv) else None
@@ -43,6 +54,7 @@ class PairDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.structures = [int(s) for s in structures] if structures is not None else None
         self.shuffle = bool(shuffle)
+        self.seed = int(seed)
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self.test_set: PairDataset | None = None
@@ -58,16 +70,30 @@ class PairDataModule(pl.LightningDataModule):
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self._make(self.test_csv)
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def _loader(self, ds: PairDataset | None, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"PairDataModule: no {name} pair list given (or setup() not called)")
+        rank, world = self._rank_world()
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=RankShardSampler(len(ds), rank, world, shuffle=shuffle, seed=self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def atlas(self) -> torch.Tensor | None:
+        """The fixed image (atlas) on the working grid, ``[1, 1, D, H, W]`` (None before setup)."""
+        ds = next((d for d in (self.train_set, self.val_set, self.test_set) if d is not None), None)
+        return ds.atlas() if ds is not None else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "train", self.batch_size, self.shuffle)

@@ -133,6 +133,10 @@ class PairDataset(Dataset):
                 self._moving[rec.index] = hit
         return hit
 
+    def atlas(self) -> torch.Tensor:
+        """The (first row's) fixed image on the working grid, ``[1, 1, D, H, W]`` float32."""
+        return torch.from_numpy(self._load_fixed(self.records[0]).image).float()[None, None]
+
     def _tensors(self, p: Preprocessed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(p.image).float().unsqueeze(0)
         msk = (
