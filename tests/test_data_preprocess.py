@@ -217,3 +217,27 @@ def test_real_labels_stay_on_anatomy_after_resampling(learnsim_cache):
     out = resample_to_grid(L.map_labels(aseg.data, None), aseg.affine, grid, "labels")
     c = _centroids(out, grid.affine, (10, 49))
     assert c[10][0] < 0 < c[49][0]
+
+
+def test_displacement_is_applied_in_the_same_single_interpolation():
+    """resample_to_grid(..., disp=u) samples the source at world(A_grid (x + u(x))): pull-back as in spatial.warp."""
+    shape = (40, 34, 28)
+    src = Grid(shape, _oblique_lps(shape))
+    image = _smooth_field(src.world_coords()).astype(np.float32)
+    atlas = np.array([[1.0, 0, 0, -24], [0, 1, 0, -28], [0, 0, 1, -22], [0, 0, 0, 1]])
+    grid = target_grid((48, 56, 44), atlas, 24)
+    shift = np.array([1.5, -0.5, 2.0])
+    disp = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *grid.shape).contiguous()
+    out = resample_to_grid(image, src.affine, grid, "image", disp=disp)
+    translate = np.eye(4)
+    translate[:3, 3] = shift
+    xyz = Grid(grid.shape, grid.affine @ translate).world_coords()  # where each voxel should have sampled
+    ijk = (xyz - src.affine[:3, 3]) @ np.linalg.inv(src.affine[:3, :3]).T
+    inside = np.all((ijk > 1) & (ijk < np.array(shape) - 2), axis=-1)
+    assert inside.sum() > 500
+    assert np.abs(out - _smooth_field(xyz))[inside].max() < 0.02
+    # labels move with the image (pull-back: content moves by -A u)
+    lab = resample_to_grid(_phantom_labels(src), src.affine, grid, "labels", disp=disp)
+    c = _centroids(lab, grid.affine, [10])[10]
+    expected = np.array(_BLOBS[10][0]) - grid.affine[:3, :3] @ shift
+    assert np.linalg.norm(c - expected) < grid.spacing.max()

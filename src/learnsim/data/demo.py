@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
@@ -52,14 +53,23 @@ from learnsim.data.cohort import (
     write_pairs_csv,
     write_subject,
 )
-from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, minmax, preprocess, target_grid
+from learnsim.data.preprocess import (
+    Grid,
+    Preprocessed,
+    Volume,
+    as_dims,
+    minmax,
+    preprocess,
+    resampling_note,
+    target_grid,
+)
 from learnsim.data.sources import SOURCES, fetch
 from learnsim.io import atomic_path, sha256_file
 
 __all__ = ["DemoConfig", "SourceVolume", "ATLAS", "TRAIN_SOURCES", "EVAL_SOURCE", "build_demo", "CSV_COLUMNS"]
 
 #: Bump when the generator changes what it writes (invalidates finished files from older versions).
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 _SPLIT_CODE = {"atlas": 0, "train": 1, "val": 2, "test": 3}
 
 
@@ -149,27 +159,35 @@ def _moment_affine(mask: Volume, ref: Volume) -> np.ndarray:
     return out
 
 
+@dataclass
+class _Raw:
+    """A source volume as read (affines already aligned to MNI where needed), before any resampling."""
+
+    image: Volume
+    mask: Volume | None
+    seg: Volume | None
+
+
+def _label(key: str) -> str:
+    return f"{SOURCES[key].package}:{Path(SOURCES[key].member).name}"
+
+
 def _load_source(
     sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, atlas_mask_vol: Volume | None, cache, log
-) -> Preprocessed:
-    q = lambda *_: None  # noqa: E731
+) -> _Raw:
     image = Volume.load(fetch(sv.image, cache=cache, log=log))
-    image.name = f"{SOURCES[sv.image].package}:{Path(SOURCES[sv.image].member).name}"
+    image.name = _label(sv.image)
     mask = seg = None
     if sv.mask:
         mask = Volume.load(fetch(sv.mask, cache=cache, log=log))
-        mask.name = f"{SOURCES[sv.mask].package}:{Path(SOURCES[sv.mask].member).name}"
+        mask.name = _label(sv.mask)
     elif sv.mask_rule == "nonzero":
         filled = ndimage.binary_fill_holes(image.data > 0)
         mask = Volume(filled.astype(np.uint8), image.affine, f"{image.name} (non-zero, holes filled)")
     if sv.seg:
-        raw = Volume.load(fetch(sv.seg, cache=cache, log=q))
+        raw = Volume.load(fetch(sv.seg, cache=cache, log=log))
         mapping = L.CEREBRA_TO_FS if sv.seg_map == "cerebra" else None
-        seg = Volume(
-            L.map_labels(raw.data, mapping),
-            raw.affine,
-            f"{SOURCES[sv.seg].package}:{Path(SOURCES[sv.seg].member).name}",
-        )
+        seg = Volume(L.map_labels(raw.data, mapping), raw.affine, _label(sv.seg))
     if sv.align == "moments":
         if mask is None or atlas_mask_vol is None:
             raise ValueError(f"{sv.name}: moment alignment needs a brain mask and the atlas mask")
@@ -182,18 +200,22 @@ def _load_source(
             raise ValueError(f"{sv.name}: mask_rule 'atlas' needs the atlas mask")
         dist = ndimage.distance_transform_edt(atlas.mask == 0, sampling=grid.spacing)
         mask = Volume((dist <= 2.0).astype(np.uint8), grid.affine, "atlas brain mask dilated 2 mm")
-    return preprocess(image, grid, mask, seg)
+    return _Raw(image, mask, seg)
 
 
-def _describe(tag: str, sv: SourceVolume, p: Preprocessed, log) -> None:
+def _describe(tag: str, sv: SourceVolume, raw: _Raw, grid: Grid, log) -> None:
     src = SOURCES[sv.image]
-    structs = L.structures_present(p.seg) if p.seg is not None else []
+    g = raw.image.grid
+    structs = L.structures_present(raw.seg.data) if raw.seg is not None else []
     log(
-        f"[learnsim-data] {tag}: {src.package}=={src.version} {Path(src.member).name} -> shape {p.grid.shape}, "
-        f"spacing {np.round(p.grid.spacing, 3).tolist()} mm, structures: {L.describe_structures(structs) if structs else 'none'}"
+        f"[learnsim-data] {tag}: {src.package}=={src.version} {Path(src.member).name}: shape {g.shape}, "
+        f"spacing {np.round(g.spacing, 3).tolist()} mm, {''.join(nib.aff2axcodes(g.affine))}"
+        f"{' (after moment alignment to the atlas)' if sv.align == 'moments' else ''}; mask: "
+        f"{raw.mask.name if raw.mask is not None else 'none'}; structures: {L.describe_structures(structs)}"
     )
-    for note in p.notes:
-        log(f"[learnsim-data]   {note}")
+    for v in (raw.image, raw.mask, raw.seg):
+        if v is not None and (note := resampling_note(v.data.shape, v.affine, grid, v.name)):
+            log(f"[learnsim-data]   {note}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -213,40 +235,31 @@ def _bspline_field(gen: torch.Generator, channels: int, shape: Sequence[int], in
     return spatial.bspline_to_dense(coeffs, shape, spacing)
 
 
-def perturb(base: Preprocessed, seed: int, cfg: DemoConfig) -> tuple[Preprocessed, dict]:
-    """One pseudo-subject from ``base``: random SVF deformation, bias field, gamma. Deterministic in ``seed``."""
+def perturb(raw: _Raw, grid: Grid, seed: int, cfg: DemoConfig) -> tuple[Preprocessed, dict]:
+    """One pseudo-subject: random SVF deformation, bias field, gamma. Deterministic in ``seed``.
+
+    The deformation is applied while resampling the source into ``grid`` (one interpolation from the original
+    resolution, so sub-voxel displacements move label boundaries even on coarse grids).
+    """
     gen = torch.Generator().manual_seed(seed)
-    shape = base.grid.shape
-    affine = torch.tensor(np.array(base.grid.affine))
-    lin = affine[:3, :3].float()
+    shape = grid.shape
+    affine = torch.tensor(np.array(grid.affine))
     u01 = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen))  # noqa: E731
 
     target_mm = u01(*cfg.max_disp_mm)
     v = _bspline_field(gen, 3, shape, 8)
-    v_mm = torch.einsum("ij,bjdhw->bidhw", lin, v).norm(dim=1).max()
-    v = v * (target_mm / float(v_mm))
+    v = v * (target_mm / float(spatial.displacement_to_mm(v, affine).norm(dim=1).max()))
     disp = spatial.integrate_svf(v, cfg.svf_steps)
     disp_mm = float(spatial.displacement_to_mm(disp, affine).norm(dim=1).max())
     jac_min = float(spatial.jacobian_det(disp).min())
-
-    img = spatial.warp(torch.from_numpy(base.image)[None, None], disp)
-    base_mask = base.mask if base.mask is not None else np.ones(shape, np.uint8)
-    msk = (
-        spatial.warp_labels(torch.from_numpy(base_mask.astype(np.int16))[None, None], disp)[0, 0]
-        .numpy()
-        .astype(np.uint8)
-    )
-    seg = None
-    if base.seg is not None:
-        seg = spatial.warp_labels(torch.from_numpy(base.seg)[None, None], disp)[0, 0].numpy().astype(np.int16)
+    p = preprocess(raw.image, grid, raw.mask, raw.seg, disp=disp)
 
     bias_strength = u01(*cfg.bias)
     b = _bspline_field(gen, 1, shape, 4)
-    b = b / b.abs().max()
+    b = (b / b.abs().max())[0, 0].numpy()
     gamma = float(np.exp(u01(-cfg.log_gamma, cfg.log_gamma)))
-    img = (img * torch.exp(bias_strength * b))[0, 0].numpy()
-    img = minmax(img, msk) ** gamma
-    img = minmax(img, msk)
+    img = minmax(p.image * np.exp(bias_strength * b), p.mask) ** gamma
+    img = minmax(img, p.mask)
     params = {
         "seed": seed,
         "max_disp_mm": round(disp_mm, 4),
@@ -254,7 +267,7 @@ def perturb(base: Preprocessed, seed: int, cfg: DemoConfig) -> tuple[Preprocesse
         "bias_strength": round(bias_strength, 4),
         "gamma": round(gamma, 4),
     }
-    return Preprocessed(img.astype(np.float32), msk, seg, base.grid, []), params
+    return Preprocessed(img.astype(np.float32), p.mask, p.seg, grid, []), params
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -340,14 +353,21 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
     }
 
     entries: list[dict] = []
-    bases: dict[str, Preprocessed] = {}
+    raws: dict[str, _Raw] = {}
+    atlas_cache: list[Preprocessed] = []
     atlas_mask_vol = Volume.load(paths["icbm2009c_mask"]) if "icbm2009c_mask" in paths else None
 
     def atlas_pre() -> Preprocessed:
-        if "atlas" not in bases:
-            bases["atlas"] = _load_source(ATLAS, grid, None, None, cfg.cache, log)
-            _describe("atlas", ATLAS, bases["atlas"], log)
-        return bases["atlas"]
+        if not atlas_cache:
+            raw = _load_source(ATLAS, grid, None, None, cfg.cache, log)
+            _describe("atlas", ATLAS, raw, grid, log)
+            atlas_cache.append(preprocess(raw.image, grid, raw.mask, raw.seg))
+            structs = L.structures_present(atlas_cache[0].seg)
+            log(
+                f"[learnsim-data] atlas on the working grid: shape {grid.shape}, spacing "
+                f"{np.round(grid.spacing, 3).tolist()} mm, structures: {L.describe_structures(structs)}"
+            )
+        return atlas_cache[0]
 
     def manifest(complete: bool) -> dict:
         return {
@@ -389,11 +409,11 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
             entry["files"] = old_entry["files"]
             log(f"[learnsim-data] {p.id}: up to date")
         else:
-            if p.source.name not in bases:
-                a = atlas_pre()
-                bases[p.source.name] = _load_source(p.source, grid, a, atlas_mask_vol, cfg.cache, log)
-                _describe(f"source {p.source.name}", p.source, bases[p.source.name], log)
-            subj, params = perturb(bases[p.source.name], p.seed, cfg)
+            if p.source.name not in raws:
+                a = atlas_pre() if p.source.mask_rule == "atlas" else None
+                raws[p.source.name] = _load_source(p.source, grid, a, atlas_mask_vol, cfg.cache, log)
+                _describe(f"source {p.source.name}", p.source, raws[p.source.name], grid, log)
+            subj, params = perturb(raws[p.source.name], grid, p.seed, cfg)
             entry["params"] = params
             entry["files"] = write_subject(out, f"subjects/{p.id}", subj)
             structs = L.structures_present(subj.seg) if subj.seg is not None else []

@@ -143,14 +143,24 @@ def target_grid(shape: Sequence[int], affine: np.ndarray, dims: int | Sequence[i
     return resize_grid(cube_grid(canonical_grid(shape, affine)), dims)
 
 
-def source_voxel_coords(grid: Grid, src_affine: np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
+def source_voxel_coords(
+    grid: Grid, src_affine: np.ndarray, disp: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """For every voxel of ``grid``, the (fractional) voxel index in a source volume with ``src_affine``.
 
-    ``x_src = A_src^{-1} A_grid x``: computed in float64, returned as ``[1, 3, D, H, W]`` with channel ``c``
-    indexing source array axis ``c`` (learnsim.spatial's convention), i.e. ``identity + displacement``.
+    ``x_src = A_src^{-1} A_grid (x + u(x))``: computed in float64, returned as ``[1, 3, D, H, W]`` with channel
+    ``c`` indexing source array axis ``c`` (learnsim.spatial's convention). ``disp`` (``[1, 3, D, H, W]``, voxels of
+    ``grid``, optional) is a pull-back displacement as in :func:`learnsim.spatial.warp`: resampling with it equals
+    resampling into ``grid`` and then warping by ``id + disp``, with a single interpolation from the source.
     """
     m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ grid.affine
     ident = spatial.identity_grid(grid.shape, dtype=torch.float64)  # [1, 3, D, H, W]
+    if disp is not None:
+        if tuple(disp.shape) != (1, 3, *grid.shape):
+            raise ValueError(
+                f"source_voxel_coords: disp must be [1, 3, {grid.shape}]; got {tuple(disp.shape)}"
+            )
+        ident = ident + disp.detach().to(torch.float64)
     lin = torch.from_numpy(m[:3, :3])
     coords = torch.einsum("ij,bjdhw->bidhw", lin, ident) + torch.from_numpy(m[:3, 3]).view(1, 3, 1, 1, 1)
     return coords.to(dtype)
@@ -188,7 +198,14 @@ def sample_at_voxels(
     return F.grid_sample(vol, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
-def resample_to_grid(array: np.ndarray, affine: np.ndarray, grid: Grid, kind: str = "image") -> np.ndarray:
+def resample_to_grid(
+    array: np.ndarray,
+    affine: np.ndarray,
+    grid: Grid,
+    kind: str = "image",
+    disp: Tensor | None = None,
+    coords: Tensor | None = None,
+) -> np.ndarray:
     """Resample a 3D array with voxel->mm ``affine`` into ``grid`` through world coordinates.
 
     Args:
@@ -197,6 +214,10 @@ def resample_to_grid(array: np.ndarray, affine: np.ndarray, grid: Grid, kind: st
         grid: target grid.
         kind: ``"image"`` (trilinear, float32 out), ``"mask"`` (nearest, >0.5 -> uint8 0/1) or ``"labels"``
             (nearest, rounded -> int16).
+        disp: optional pull-back displacement ``[1, 3, D, H, W]`` in voxels of ``grid`` (see
+            :func:`source_voxel_coords`).
+        coords: the result of ``source_voxel_coords(grid, affine, disp)`` if already at hand (volumes sharing an
+            affine reuse it).
     Returns:
         ``grid.shape`` array; 0 outside the source field of view. If the source already is on ``grid`` the data are
         copied, not interpolated.
@@ -206,11 +227,12 @@ def resample_to_grid(array: np.ndarray, affine: np.ndarray, grid: Grid, kind: st
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"resample_to_grid: need a 3D array; got shape {array.shape}")
-    if grid.matches(array.shape, affine):
+    if disp is None and grid.matches(array.shape, affine):
         out = array.astype(np.float32)
     else:
         src = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-        coords = source_voxel_coords(grid, affine)
+        if coords is None:
+            coords = source_voxel_coords(grid, affine, disp)
         mode = "bilinear" if kind == "image" else "nearest"
         out = sample_at_voxels(src, coords, mode=mode)[0, 0].numpy()
     if kind == "mask":
@@ -279,20 +301,32 @@ def preprocess(
     mask: Volume | None = None,
     seg: Volume | None = None,
     apply_mask: bool = True,
+    disp: Tensor | None = None,
 ) -> Preprocessed:
     """Bring one subject onto ``grid``: image trilinear, mask/seg nearest, mask applied, min-max to [0, 1].
 
     The image is multiplied by the mask (``apply_mask``; the original data were brain-extracted, and masking an
     already extracted image changes nothing) and then min-max scaled over the mask (0 outside). ``notes`` lists
-    which inputs had to be resampled (see :func:`resampling_note`).
+    which inputs had to be resampled (see :func:`resampling_note`). ``disp`` (optional, voxels of ``grid``) warps
+    all three in the same single interpolation (used to make the demo pseudo-subjects).
     """
     notes = [
         n
         for v in (image, mask, seg)
         if v is not None and (n := resampling_note(v.data.shape, v.affine, grid, v.name))
     ]
-    img = resample_to_grid(image.data, image.affine, grid, "image")
-    msk = resample_to_grid(mask.data, mask.affine, grid, "mask") if mask is not None else None
-    lab = resample_to_grid(seg.data, seg.affine, grid, "labels") if seg is not None else None
+    cache: dict[bytes, Tensor] = {}
+
+    def run(v: Volume, kind: str) -> np.ndarray:
+        if disp is None and grid.matches(v.data.shape, v.affine):
+            return resample_to_grid(v.data, v.affine, grid, kind)
+        key = np.asarray(v.affine, dtype=np.float64).tobytes()
+        if key not in cache:  # image, mask and seg usually share one affine: map the coordinates once
+            cache[key] = source_voxel_coords(grid, v.affine, disp)
+        return resample_to_grid(v.data, v.affine, grid, kind, coords=cache[key])
+
+    img = run(image, "image")
+    msk = run(mask, "mask") if mask is not None else None
+    lab = run(seg, "labels") if seg is not None else None
     img = minmax(img, msk if (apply_mask and msk is not None) else None)
     return Preprocessed(img, msk, lab, grid, notes)
