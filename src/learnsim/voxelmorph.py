@@ -159,13 +159,17 @@ class VoxelMorphNet(nn.Module):
                 f"VoxelMorphNet: moving and fixed must be [B, C, D, H, W]; got {tuple(moving.shape)}, {tuple(fixed.shape)}"
             )
         if moving.shape[2:] != fixed.shape[2:]:
-            raise ValueError(f"VoxelMorphNet: moving grid {tuple(moving.shape[2:])} != fixed grid {tuple(fixed.shape[2:])}")
+            raise ValueError(
+                f"VoxelMorphNet: moving grid {tuple(moving.shape[2:])} != fixed grid {tuple(fixed.shape[2:])}"
+            )
         self.check_shape(moving.shape[2:])
         if fixed.shape[0] != moving.shape[0]:
             fixed = fixed.expand(moving.shape[0], *fixed.shape[1:])
         x = torch.cat([moving, fixed], dim=1)
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"VoxelMorphNet: cat(moving, fixed) has {x.shape[1]} channels; expected {self.in_channels}")
+            raise ValueError(
+                f"VoxelMorphNet: cat(moving, fixed) has {x.shape[1]} channels; expected {self.in_channels}"
+            )
         history = [x]
         for conv in self.encoder:
             x = self.act(conv(x))
@@ -279,7 +283,9 @@ class VoxelMorphModule(pl.LightningModule):
         else:
             resolved = build_metric("ssd")
         if not isinstance(resolved, SimilarityMetric):
-            raise TypeError(f"VoxelMorphModule: metric must be a learnsim.metric.SimilarityMetric; got {type(resolved).__name__}")
+            raise TypeError(
+                f"VoxelMorphModule: metric must be a learnsim.metric.SimilarityMetric; got {type(resolved).__name__}"
+            )
         self.metric = _freeze(resolved)
         if reg_loss is None:
             reg_loss = RegLossL2()
@@ -332,9 +338,13 @@ class VoxelMorphModule(pl.LightningModule):
 
     def data_energy(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
         """``E(F, M o phi)`` per pair ``[B]`` (a sum over the mask), differentiable w.r.t. ``warped`` only."""
-        return self.metric.energy_from_features(self.fixed_features(fixed), self.metric.features(warped), mask)
+        return self.metric.energy_from_features(
+            self.fixed_features(fixed), self.metric.features(warped), mask
+        )
 
-    def energies(self, fixed: Tensor, moving: Tensor, mask: Tensor | None, v: Tensor, disp: Tensor) -> tuple[Tensor, Tensor]:
+    def energies(
+        self, fixed: Tensor, moving: Tensor, mask: Tensor | None, v: Tensor, disp: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """``(data [B], reg [B])`` energies (sums over voxels) of the transformation ``exp(v)``."""
         warped = warp(moving, disp)
         return self.data_energy(fixed, warped, mask), self.reg_loss(v)
@@ -349,7 +359,9 @@ class VoxelMorphModule(pl.LightningModule):
 
     def _check_batch(self, moving: Tensor) -> None:
         if tuple(moving.shape[2:]) != self.dims:
-            raise ValueError(f"VoxelMorphModule: batch grid {tuple(moving.shape[2:])} != model dims {self.dims}")
+            raise ValueError(
+                f"VoxelMorphModule: batch grid {tuple(moving.shape[2:])} != model dims {self.dims}"
+            )
 
     def _step(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         fixed, moving, mask = batch["fixed"], batch["moving"], batch.get("fixed_mask")
@@ -365,7 +377,11 @@ class VoxelMorphModule(pl.LightningModule):
         b = batch["moving"].shape[0]
         self.log_dict(
             {"train/loss": loss.detach(), "train/data": data.detach(), "train/reg": reg.detach()},
-            on_step=True, on_epoch=True, prog_bar=True, batch_size=b, sync_dist=True,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=b,
+            sync_dist=True,
         )
         return loss
 
@@ -427,7 +443,9 @@ class VoxelMorphModule(pl.LightningModule):
         if no_samples < 1:
             raise ValueError(f"register_batch: no_samples must be >= 1; got {no_samples}")
         if instance_optimisation_iters < 0:
-            raise ValueError(f"register_batch: instance_optimisation_iters must be >= 0; got {instance_optimisation_iters}")
+            raise ValueError(
+                f"register_batch: instance_optimisation_iters must be >= 0; got {instance_optimisation_iters}"
+            )
         was_training = self.training
         self.eval()
         dev = moving.device
@@ -439,7 +457,11 @@ class VoxelMorphModule(pl.LightningModule):
                 v, disp = self.net(moving, fixed)
             if instance_optimisation_iters > 0:
                 v = self._instance_optimise(
-                    fixed, moving, mask, v, int(instance_optimisation_iters),
+                    fixed,
+                    moving,
+                    mask,
+                    v,
+                    int(instance_optimisation_iters),
                     self.instance_lr if instance_lr is None else float(instance_lr),
                 )
                 with torch.no_grad():
@@ -452,7 +474,9 @@ class VoxelMorphModule(pl.LightningModule):
         disp = disp.detach()
         return disp, disp.unsqueeze(0), seconds
 
-    def _instance_optimise(self, fixed: Tensor, moving: Tensor, mask: Tensor | None, v0: Tensor, iters: int, lr: float) -> Tensor:
+    def _instance_optimise(
+        self, fixed: Tensor, moving: Tensor, mask: Tensor | None, v0: Tensor, iters: int, lr: float
+    ) -> Tensor:
         # Works under an outer no_grad or inference_mode: fresh (normal) tensors, gradients on.
         with torch.inference_mode(False), torch.enable_grad():
             fixed, moving = fixed.clone(), moving.clone()
