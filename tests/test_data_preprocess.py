@@ -241,3 +241,22 @@ def test_displacement_is_applied_in_the_same_single_interpolation():
     c = _centroids(lab, grid.affine, [10])[10]
     expected = np.array(_BLOBS[10][0]) - grid.affine[:3, :3] @ shift
     assert np.linalg.norm(c - expected) < grid.spacing.max()
+
+
+def test_displacement_also_moves_volumes_already_on_the_grid():
+    grid = target_grid((20, 24, 22), np.eye(4), 16)
+    labels = np.zeros(grid.shape, np.int16)
+    labels[5:9, 6:10, 7:11] = 10
+    disp = torch.zeros(1, 3, *grid.shape)
+    disp[:, 0] = 2.0  # pull-back by +2 voxels along axis 0: content moves by -2
+    p = preprocess(
+        Volume(labels.astype(np.float32), grid.affine),
+        grid,
+        Volume(labels > 0, grid.affine),
+        Volume(labels, grid.affine),
+        disp=disp,
+    )
+    expected = np.zeros_like(labels)
+    expected[3:7, 6:10, 7:11] = 10
+    np.testing.assert_array_equal(p.seg, expected)
+    np.testing.assert_array_equal(p.mask, expected > 0)

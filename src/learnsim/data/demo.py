@@ -69,7 +69,7 @@ from learnsim.io import atomic_path, sha256_file
 __all__ = ["DemoConfig", "SourceVolume", "ATLAS", "TRAIN_SOURCES", "EVAL_SOURCE", "build_demo", "CSV_COLUMNS"]
 
 #: Bump when the generator changes what it writes (invalidates finished files from older versions).
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 _SPLIT_CODE = {"atlas": 0, "train": 1, "val": 2, "test": 3}
 
 

@@ -227,7 +227,7 @@ def resample_to_grid(
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"resample_to_grid: need a 3D array; got shape {array.shape}")
-    if disp is None and grid.matches(array.shape, affine):
+    if disp is None and coords is None and grid.matches(array.shape, affine):
         out = array.astype(np.float32)
     else:
         src = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
