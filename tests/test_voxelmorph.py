@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from learnsim.api import load_metric
 from learnsim.cli.config import config_dir
+from learnsim.distributed import ManualSyncDDPStrategy, RankShardSampler
 from learnsim.energies import RegLossL2
 from learnsim.metric import build_metric
 from learnsim.spatial import gaussian_smooth, identity_grid, warp, warp_labels
@@ -236,6 +237,50 @@ def test_mean_dice():
     b = torch.tensor([0, 1, 0, 2, 2, 0])
     assert math.isclose(mean_dice(b, a).item(), 0.5 * (2 / 3 + 0.8), rel_tol=1e-6)
     assert math.isnan(mean_dice(a, torch.zeros_like(a)).item())
+
+
+class _SGDVoxelMorph(VoxelMorphModule):
+    """SGD instead of Adam: the update is linear in the averaged gradient (Adam's first step is ~lr * sign(g))."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=self.lr)
+
+
+class _ShardedPairs(pl.LightningDataModule):
+    def __init__(self, batch: dict, batch_size: int) -> None:
+        super().__init__()
+        self.batch, self.batch_size = batch, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        ds = _Pairs(self.batch)
+        sampler = RankShardSampler(len(ds), self.trainer.global_rank, self.trainer.world_size, shuffle=False)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """learnsim's ManualSyncDDPStrategy leaves the module unwrapped: the module must average the gradients."""
+    batch = _pair_data()
+
+    def build() -> VoxelMorphModule:
+        torch.manual_seed(0)
+        return _SGDVoxelMorph(
+            VoxelMorphNet(**SMALL), metric=build_metric("ssd"), reg_loss=RegLossL2(0.1), lr=0.5, dims=SHAPE
+        )
+
+    common = dict(max_steps=1, use_distributed_sampler=False, limit_val_batches=0)
+    single = build()
+    _trainer(tmp_path / "one", **common).fit(single, datamodule=_ShardedPairs(batch, 2))
+    multi = build()
+    strategy = ManualSyncDDPStrategy(start_method="spawn", process_group_backend="gloo")
+    _trainer(tmp_path / "two", devices=2, strategy=strategy, **common).fit(
+        multi, datamodule=_ShardedPairs(batch, 1)
+    )
+    init = build()
+    moved = 0.0
+    for a, b, c in zip(single.net.parameters(), multi.net.parameters(), init.net.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5), (a - b).abs().max()
+        moved = max(moved, (a - c).abs().max().item())
+    assert moved > 1e-5, "the network must have moved for the comparison to mean anything"
 
 
 # ---------------------------------------------------------------------------------------------------- inference
