@@ -350,7 +350,7 @@ class LearnSimModule(pl.LightningModule):
         mid = fixed.shape[2] // 2
         with torch.no_grad():
             feats = self.metric.features(fixed)
-        images = [t[0, 0, mid].float().cpu().numpy() for t in (fixed, moving[:1], warped[:1], qf_sample, feats)]
+        images = [t[0, 0, mid].detach().float().cpu().numpy() for t in (fixed, moving[:1], warped[:1], qf_sample, feats)]
         try:
             logger.log_image(key="train/images", images=images, caption=["atlas", "moving", "warped", "q_f sample", "a(atlas)"], step=self.global_step)
         except Exception:  # image logging is a convenience; never fail training over it
