@@ -1,0 +1,793 @@
+#!/usr/bin/env python
+"""Benchmark one q_v iteration: learnsim's optimised path against the plain re-statement of the original.
+
+    python scripts/bench.py --device auto --size 128 --batch 1 5 --iters 20 --warmup 3 --json bench.json
+    python scripts/bench.py --quick                      # CI-sized smoke run (CPU, 32^3)
+
+What is timed, per metric (ssd, lcc, cnn_ssd, cnn_lcc) and batch size:
+
+(a) **learnsim**: ``VariationalRegistration.fit`` itself, training mode (uniform noise on), 12 squarings, with a
+    ``progress`` callback every iteration that only records a timestamp (a CUDA event on GPU, no host sync;
+    ``perf_counter`` on CPU, or the CPU-time clock with ``--cpu-time``). One iteration is the interval between two consecutive callbacks: antithetic draws,
+    Sobolev smoothing, integration, noise, warp, features, energy, regulariser, entropy, ``autograd.grad``, Adam
+    step, exactly the code ``fit`` runs. ``fit``'s set-up (the fixed features, parameter clones) happens before
+    the first callback and is therefore excluded; iteration 0 and the next ``--warmup - 1`` are dropped.
+(b) **reference**: :func:`learnsim.reference.reference_q_v_loss` in a loop shaped like the original trainer
+    (draws, loss, ``zero_grad(set_to_none=True)``, ``backward``, Adam step), timed the same way, same inputs.
+    Speed-up = reference / learnsim (medians).
+(c) **integration + warp alone**: ``integrate_svf`` + ``warp`` against MONAI's ``DVF2DDF`` + ``Warp`` (both
+    trilinear, border padding, 12 squarings; MONAI's DDF uses the same convention as learnsim: channel ``c`` along
+    tensor axis ``2 + c``, voxels), forward only and forward + backward, and the achieved bandwidth of
+    ``integrate_svf`` (see :func:`squaring_bytes_per_voxel` for the byte count).
+
+Peak memory: what a path allocates beyond what was allocated when its case started (inputs excluded). CUDA:
+``torch.cuda.max_memory_allocated`` (reset per case and path) minus ``memory_allocated`` at the start; CPU: the
+peak growth of the process's resident set (``/proc/self/statm`` sampled every 2 ms in a thread, after
+``malloc_trim``), approximate (n/a off Linux).
+
+``--dtype bf16`` runs learnsim with ``amp=True`` (energies in bf16 autocast on CUDA) and the reference under the
+same autocast; on CPU learnsim's amp is off, so bf16 is refused there.
+
+Also prints VoxelMorph inference time per pair when ``learnsim.voxelmorph.VoxelMorphNet`` is importable, and
+with ``--proposals`` times ``fit`` with the proposed hot-path changes below patched in (see ``proposed_*``).
+
+On a CPU shared with other jobs use ``--threads 1 --cpu-time``: two OpenMP threads next to a busy process ran
+elementwise ops ~10x slower in wall time here, and wall time counts time the scheduler gave to others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from learnsim.energies import RegLossL2
+from learnsim.metric import build_metric
+from learnsim.reference import reference_q_v_loss
+from learnsim.registration import VariationalRegistration
+from learnsim.sobolev import SobolevSmoother
+from learnsim.spatial import gaussian_smooth, integrate_svf, warp
+from learnsim.transformation import SVF
+
+KINDS = ("ssd", "lcc", "cnn_ssd", "cnn_lcc")
+NO_STEPS = 12
+UNIFORM_NOISE = 0.1
+W_REG = {"ssd": 1.8, "cnn_ssd": 1.8, "lcc": 2.8, "cnn_lcc": 2.8}
+LR = {"ssd": 0.01, "cnn_ssd": 0.01, "lcc": 0.02, "cnn_lcc": 0.02}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+CPU_CLOCK: Callable[[], float] = time.perf_counter  # set by --cpu-time
+
+
+def cpu_time_clock() -> Callable[[], float]:
+    """CPU time of this process (of this thread when torch runs single-threaded): immune to other processes
+    taking the cores, which wall time on a shared machine is not."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
+class Timer:
+    """Marks iteration boundaries; CUDA events (no host sync until :meth:`intervals_ms`) or :data:`CPU_CLOCK`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self, *_args) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(CPU_CLOCK())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+        return [(b - a) * 1e3 for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _libc():
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim  # noqa: B018 (glibc only)
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+class PeakMemory:
+    """Peak memory a block allocates beyond what was allocated when it started.
+
+    CUDA: ``max_memory_allocated - memory_allocated`` at entry (exact, tensor memory). CPU: peak growth of the
+    resident set, sampled every 2 ms, after ``malloc_trim`` (approximate: short-lived peaks between samples are
+    missed, fragmentation is counted; n/a off Linux).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return None
+
+    def _sample(self, start: int) -> None:
+        peak = start
+        while not self._stop.wait(0.002):
+            rss = self._rss() or start
+            peak = max(peak, rss)
+        peak = max(peak, self._rss() or start)
+        self.peak_bytes = float(peak - start)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            # hand the allocator's free pages back first, so that the block's allocations show up as RSS growth
+            gc.collect()
+            if _LIBC is not None:
+                _LIBC.malloc_trim(0)
+            start = self._rss()
+            if start is not None:
+                self._thread = threading.Thread(target=self._sample, args=(start,), daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = float(torch.cuda.max_memory_allocated(self.device) - self._start)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def gib(self) -> float | None:
+        return None if self.peak_bytes is None else self.peak_bytes / 2**30
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_inputs(shape: tuple[int, int, int], batch: int, device: torch.device, seed: int = 0):
+    """Smooth random images in [0, 1] (fixed ``[1,1,...]``, moving ``[B,1,...]``) and a mask with a zero rim."""
+    g = torch.Generator().manual_seed(seed)
+    norm = lambda x: (x - x.amin()) / (x.amax() - x.amin())  # noqa: E731
+    fixed = norm(gaussian_smooth(torch.rand(1, 1, *shape, generator=g), 1.0))
+    moving = torch.cat(
+        [norm(gaussian_smooth(torch.rand(1, 1, *shape, generator=g), 1.0)) for _ in range(batch)]
+    )
+    mask = torch.zeros_like(fixed)
+    r = [max(1, s // 16) for s in shape]
+    mask[..., r[0] : -r[0], r[1] : -r[1], r[2] : -r[2]] = 1
+    return fixed.to(device), moving.to(device), mask.to(device)
+
+
+def make_metric(kind: str, device: torch.device):
+    metric = build_metric(kind).to(device)
+    if metric.encoder is not None:
+        # off the Dirac init (the cost does not depend on the weights; this keeps the features non-trivial)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in metric.encoder.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(device))
+    return metric
+
+
+def make_registration(kind: str, metric, device: torch.device, amp: bool) -> VariationalRegistration:
+    """The q_v fitter with the original's settings (12 squarings, Sobolev s=3 lambda=0.5, noise 0.1 voxel)."""
+    sobolev = SobolevSmoother(True, 3, 0.5).to(device)
+    return VariationalRegistration(
+        metric,
+        SVF(NO_STEPS),
+        RegLossL2(W_REG[kind]),
+        sobolev,
+        lr=LR[kind],
+        uniform_noise=UNIFORM_NOISE,
+        amp=amp,
+    )
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ (a) learnsim
+def time_learnsim(
+    reg: VariationalRegistration, fixed, moving, mask, warmup: int, iters: int
+) -> tuple[list[float], float | None]:
+    """Time ``reg.fit`` per iteration: marks after every iteration (progress callback); interval k = iteration k.
+
+    Needs ``warmup >= 1``: iteration 0 has no mark before it (that would include fit's set-up).
+    """
+    device = moving.device
+    timer = Timer(device)
+    with PeakMemory(device) as mem:
+        reg.fit(fixed, moving, mask, no_iters=warmup + iters, training=True, progress=timer.mark, log_every=1)
+        _sync(device)
+    return timer.intervals_ms()[warmup - 1 :], mem.gib
+
+
+# ------------------------------------------------------------------------------------------------ (b) reference
+def time_reference(
+    kind: str, metric, fixed, moving, mask, warmup: int, iters: int, bf16: bool
+) -> tuple[list[float], float | None]:
+    device = moving.device
+    b, shape = moving.shape[0], tuple(moving.shape[2:])
+    kernel = SobolevSmoother(True, 3, 0.5).kernel.to(device)
+    metric.eval()
+    requires = [p.requires_grad for p in metric.parameters()]
+    for p in metric.parameters():
+        p.requires_grad_(False)  # frozen during the q_v step, as in the original trainer
+    timer = Timer(device)
+    try:
+        with PeakMemory(device) as mem:
+            # q_v and its optimiser inside the measured block, as fit's clones and Adam are for learnsim
+            mu = torch.zeros(b, 3, *shape, device=device, requires_grad=True)
+            log_var = torch.full((b, 3, *shape), 2 * math.log(0.5), device=device, requires_grad=True)
+            u = torch.full((b, 1, 3, *shape), 0.1, device=device, requires_grad=True)
+            opt = torch.optim.Adam([mu, log_var, u], lr=LR[kind])
+            timer.mark()
+            for _ in range(warmup + iters):
+                eps = torch.randn(b, 3, *shape, device=device)
+                xi = torch.randn(b, 1, device=device)
+                noise = (torch.rand(2, b, 3, *shape, device=device) * 2 - 1) * UNIFORM_NOISE
+                with _autocast(device, bf16):
+                    loss = reference_q_v_loss(
+                        fixed,
+                        moving,
+                        mask,
+                        mu,
+                        log_var,
+                        u,
+                        eps,
+                        xi,
+                        metric,
+                        W_REG[kind],
+                        NO_STEPS,
+                        kernel,
+                        noise,
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                timer.mark()
+            _sync(device)
+    finally:
+        for p, r in zip(metric.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    return timer.intervals_ms()[warmup:], mem.gib
+
+
+# ------------------------------------------------------------------------------------------------ (c) integration
+def squaring_bytes_per_voxel(itemsize: int = 4) -> int:
+    """Bytes moved per voxel per squaring step, by this definition (fp32: 120 B):
+
+    read the field once (3 channels) to form the sampling coordinates, 8 trilinear neighbour taps x 3 channels
+    gathered by grid_sample, write the updated field (3 channels): ``(3 + 24 + 3) * itemsize``. It counts each
+    gather tap as a memory read, i.e. no cache reuse between neighbouring voxels (an upper bound on traffic; with
+    perfect reuse the compulsory traffic is ``(3 + 3 + 3) * itemsize``, field read, gathered field read once,
+    write). The materialised grid and the separate add of the current implementation are not counted: this is
+    the traffic of an ideal fused squaring step.
+    """
+    return (3 + 8 * 3 + 3) * itemsize
+
+
+def device_peak_gbs(device: torch.device, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H200" in name:
+        return 4800.0
+    if "H100" in name:
+        return 2000.0 if "PCIe" in name else 3350.0
+    return None
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    timer = Timer(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    timer.mark()
+    for _ in range(iters):
+        fn()
+        timer.mark()
+    return timer.intervals_ms()
+
+
+def bench_integration(moving: torch.Tensor, warmup: int, iters: int, peak_gbs: float | None) -> dict:
+    from monai.networks.blocks import DVF2DDF, Warp
+
+    device = moving.device
+    b, shape = moving.shape[0], tuple(moving.shape[2:])
+    g = torch.Generator().manual_seed(3)
+    v = (gaussian_smooth(torch.randn(b, 3, *shape, generator=g), 2.0) * 4.0).to(device)
+    with contextlib.redirect_stderr(open(os.devnull, "w")), _quiet_warnings():
+        dvf2ddf = DVF2DDF(num_steps=NO_STEPS, mode="bilinear", padding_mode="border")
+        monai_warp = Warp(mode="bilinear", padding_mode="border")
+
+    def ls():
+        return warp(moving, integrate_svf(v, NO_STEPS))
+
+    def mo():
+        return monai_warp(moving, dvf2ddf(v))
+
+    vg = v.clone().requires_grad_(True)
+
+    def ls_bwd():
+        warp(moving, integrate_svf(vg, NO_STEPS)).sum().backward()
+
+    def mo_bwd():
+        monai_warp(moving, dvf2ddf(vg)).sum().backward()
+
+    out: dict = {}
+    with torch.no_grad():
+        out["max_abs_diff"] = float((ls() - mo()).abs().max())  # same convention: should be ~1e-5
+        t_int = _median(time_fn(lambda: integrate_svf(v, NO_STEPS), device, warmup, iters))
+        out["learnsim_fwd_ms"] = _median(time_fn(ls, device, warmup, iters))
+        out["monai_fwd_ms"] = _median(time_fn(mo, device, warmup, iters))
+    out["learnsim_fwd_bwd_ms"] = _median(time_fn(ls_bwd, device, warmup, iters))
+    out["monai_fwd_bwd_ms"] = _median(time_fn(mo_bwd, device, warmup, iters))
+    nbytes = squaring_bytes_per_voxel(4) * b * math.prod(shape) * NO_STEPS
+    out["integrate_ms"] = t_int
+    out["integrate_gbs"] = nbytes / (t_int * 1e-3) / 1e9
+    out["peak_gbs"] = peak_gbs
+    out["integrate_pct_peak"] = None if peak_gbs is None else 100.0 * out["integrate_gbs"] / peak_gbs
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ VoxelMorph
+def bench_voxelmorph(fixed, moving, warmup: int, iters: int) -> dict:
+    """Inference per pair (network + integration + warp of the moving image) of ``learnsim.voxelmorph.VoxelMorphNet``
+    with its default construction, or the reason it is n/a."""
+    try:
+        from learnsim.voxelmorph import VoxelMorphNet  # another engineer's module; optional here
+    except ImportError as exc:
+        return {"status": f"n/a ({exc})"}
+    device = moving.device
+    try:
+        net = VoxelMorphNet().to(device).eval()
+        m1 = moving[:1]
+        n_args = len(
+            [
+                p
+                for p in inspect.signature(net.forward).parameters.values()
+                if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        )
+        call = (lambda: net(m1, fixed)) if n_args >= 2 else (lambda: net(torch.cat([m1, fixed], 1)))
+
+        def infer():
+            out = call()
+            if isinstance(out, (tuple, list)):  # (velocity, displacement): warp with the displacement
+                return warp(m1, out[-1])
+            # a bare field: treat it as an SVF, integrate and warp
+            return warp(m1, integrate_svf(out, NO_STEPS))
+
+        with torch.no_grad():
+            ms = _median(time_fn(infer, device, warmup, iters))
+        return {"status": "ok", "ms_per_pair": ms}
+    except Exception as exc:  # its API is not settled yet: report, do not fail the benchmark
+        return {"status": f"n/a ({type(exc).__name__}: {exc})"}
+
+
+# ------------------------------------------------------------------------------------------------ proposals
+# PROPOSALS for the hot path (owners: spatial.py, energies.py, sobolev.py, registration.py / module.py). Same
+# maths; ``--proposals`` times ``fit`` with them patched in against the current code, in the same process, and
+# checks that the loss is unchanged for the same draws. Move them into learnsim when accepted.
+
+
+def proposed_separable_filter(field: torch.Tensor, weights, padding_mode: str = "replicate") -> torch.Tensor:
+    """Drop-in for :func:`learnsim.spatial.separable_filter` for short constant kernels given as Python floats.
+
+    Per axis: one replicate pad, then the weighted sum of the ``k`` shifted views accumulated in place
+    (``acc.add_(view, alpha=w)``): no grouped 1D ``conv3d`` (slow on CPU and, depthwise 3D, on cuDNN too), no
+    temporaries. Differentiable (the in-place adds are on a fresh tensor). ``weights``: a sequence of floats; a
+    tensor is converted with ``tolist()`` (a host sync on CUDA: pass floats, e.g. cached at construction).
+    """
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
+    k = len(weights)
+    if k % 2 != 1:
+        raise ValueError(f"proposed_separable_filter: kernel length must be odd; got {k}")
+    r = k // 2
+    out = field
+    for axis in range(3):
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = r
+        pad[2 * (2 - axis) + 1] = r
+        padded = F.pad(out, pad, mode=padding_mode) if r > 0 else out
+        n = field.shape[2 + axis]
+        first = padded.narrow(2 + axis, 0, n)
+        acc = first.clone() if weights[0] == 1.0 else first * weights[0]
+        for j in range(1, k):
+            acc.add_(padded.narrow(2 + axis, j, n), alpha=weights[j])
+        out = acc
+    return out
+
+
+def proposed_lcc_terms(fixed, warped, radius: int = 1, kernel=None, eps: float = 1e-5):
+    """:func:`learnsim.energies.lcc_terms` with the window sums by :func:`proposed_separable_filter`.
+
+    A learnt window (a tensor that requires grad) keeps the current conv path.
+    """
+    if kernel is not None and kernel.requires_grad:
+        return _CURRENT["lcc_terms"](fixed, warped, radius, kernel, eps)
+    size = 2 * radius + 1
+    weights = [1.0] * size if kernel is None else kernel.tolist()
+    n = float(sum(weights)) ** 3
+    if fixed.shape[0] != warped.shape[0]:
+        fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
+    c = fixed.shape[1]
+    stats = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    s_f, s_m, s_ff, s_mm, s_fm = proposed_separable_filter(stats, weights).split(c, dim=1)
+    mean_f, mean_m = s_f / n, s_m / n
+    cross = s_fm - n * mean_f * mean_m
+    var_f = s_ff - n * mean_f * mean_f
+    var_m = s_mm - n * mean_m * mean_m
+    return cross * cross / (var_f * var_m + eps)
+
+
+def _proposed_sobolev_forward(self, field):
+    """``SobolevSmoother.forward`` with the kernel as cached Python floats and the slice filter (identity backward)."""
+    if not self.enabled:
+        return field
+    weights = getattr(self, "_weights", None)
+    if weights is None:
+        weights = self._weights = tuple(self.kernel.tolist())  # once; the owner would do it in __init__
+    return _SliceSmoothIdentityBackward.apply(field, weights)
+
+
+class _SliceSmoothIdentityBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, field, weights):  # type: ignore[override]
+        return proposed_separable_filter(field, weights)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+_CURRENT: dict = {}
+
+
+@contextlib.contextmanager
+def proposed_hot_path():
+    """Patch the proposals into learnsim for the duration of the block (benchmark only)."""
+    from learnsim import energies, sobolev
+
+    _CURRENT.update(lcc_terms=energies.lcc_terms, sobolev_forward=sobolev.SobolevSmoother.forward)
+    energies.lcc_terms = proposed_lcc_terms  # lcc() looks lcc_terms up in the module at call time
+    sobolev.SobolevSmoother.forward = _proposed_sobolev_forward
+    try:
+        yield
+    finally:
+        energies.lcc_terms = _CURRENT["lcc_terms"]
+        sobolev.SobolevSmoother.forward = _CURRENT["sobolev_forward"]
+
+
+def fused_adam(reg: VariationalRegistration, device: torch.device) -> torch.optim.Optimizer:
+    """PROPOSAL: ``Adam(..., fused=True)`` for q_v (in ``fit`` and in the training module's q_v optimiser).
+
+    ``fit`` points the optimiser's single param group at its own leaves, so a placeholder parameter will do.
+    """
+    return torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], lr=reg.lr, fused=True)
+
+
+def bench_proposal(kind: str, metric, fixed, moving, mask, args, bf16: bool) -> dict:
+    """Time ``fit`` current vs proposed (slice filters + fused Adam), interleaved twice; check the loss is unchanged."""
+    device = moving.device
+    reg = make_registration(kind, metric, device, amp=bf16)
+    params = reg.init_params(moving.shape[0], moving.shape[2:], device)
+    with torch.no_grad():
+        ff = metric.features(fixed)
+        # compare data + regulariser (the entropy dominates the loss's value and is untouched)
+        a = (
+            reg.loss(params, ff, moving, mask, True, torch.Generator(device).manual_seed(5))
+            + params.entropy()
+        )
+        with proposed_hot_path():
+            b = (
+                reg.loss(params, ff, moving, mask, True, torch.Generator(device).manual_seed(5))
+                + params.entropy()
+            )
+    rel = float(((a - b).abs() / a.abs()).max())
+    cur: list[float] = []
+    new: list[float] = []
+    for _ in range(2):  # interleaved: drifting background load hits both alike
+        cur += time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)[0]
+        with proposed_hot_path():
+            timer = Timer(device)
+            reg.fit(
+                fixed,
+                moving,
+                mask,
+                no_iters=args.warmup + args.iters,
+                training=True,
+                optimizer=fused_adam(reg, device),
+                progress=timer.mark,
+                log_every=1,
+            )
+            new += timer.intervals_ms()[args.warmup - 1 :]
+    c, n = _median(cur), _median(new)
+    return {
+        "case": kind,
+        "batch": moving.shape[0],
+        "current_ms": c,
+        "proposed_ms": n,
+        "delta_pct": 100.0 * (n - c) / c,
+        "loss_rel_diff": rel,
+        "same_loss": rel < 1e-5,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ driver
+@dataclass
+class Record:
+    device: str
+    dtype: str
+    case: str
+    batch: int
+    size: list[int]
+    learnsim_ms: float
+    reference_ms: float | None
+    speedup: float | None
+    learnsim_peak_gib: float | None
+    reference_peak_gib: float | None
+    learnsim_times_ms: list[float] = field(default_factory=list)
+    reference_times_ms: list[float] = field(default_factory=list)
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--size", type=int, nargs="+", default=[128], help="grid size: one int (cube) or D H W")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per case (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--cases", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: CPU, 32^3, batch 1, 2 iterations")
+    p.add_argument("--no-reference", action="store_true", help="time learnsim only")
+    p.add_argument("--no-integration", action="store_true", help="skip (c), integration + warp vs MONAI")
+    p.add_argument(
+        "--proposals", action="store_true", help="also time fit with the proposed hot-path changes"
+    )
+    p.add_argument(
+        "--peak-gbs",
+        type=float,
+        default=None,
+        help="device memory bandwidth in GB/s (default: 3350 H100 SXM, 2000 H100 PCIe, 4800 H200, else n/a)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)"
+    )
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU runs: time with the process's CPU time (the thread's with --threads 1) instead of wall "
+        "time, for a machine shared with other jobs",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.device, args.size, args.batch, args.iters, args.warmup = "cpu", [32], [1], 2, 1
+    args.warmup = max(1, args.warmup)
+    if len(args.size) == 1:
+        args.size = args.size * 3
+    if len(args.size) != 3:
+        p.error("--size takes one int or three")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("bench: --device cuda but CUDA is not available", file=sys.stderr)
+            return 2
+    if args.dtype == "bf16" and device.type != "cuda":
+        print("bench: --dtype bf16 needs CUDA (learnsim's amp autocasts on CUDA only)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CPU_CLOCK
+    clock = "wall"
+    if args.cpu_time and device.type == "cpu":
+        CPU_CLOCK = cpu_time_clock()
+        clock = CPU_CLOCK.__name__
+    bf16 = args.dtype == "bf16"
+    shape = tuple(args.size)
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    peak_gbs = device_peak_gbs(device, args.peak_gbs)
+    env = {
+        "device_name": dev_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "size": list(shape),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "no_steps": NO_STEPS,
+        "uniform_noise": UNIFORM_NOISE,
+        "dtype": args.dtype,
+        "clock": "cuda events" if device.type == "cuda" else clock,
+    }
+    print(
+        f"# learnsim q_v benchmark: {dev_name}, torch {torch.__version__}, threads {env['threads']}, "
+        f"grid {shape}, {args.iters} iters (+{args.warmup} warm-up), {NO_STEPS} squarings, {args.dtype}, "
+        f"clock {env['clock']}",
+        flush=True,
+    )
+
+    records: list[Record] = []
+    proposals: list[dict] = []
+    for batch in args.batch:
+        fixed, moving, mask = make_inputs(shape, batch, device)
+        for kind in args.cases:
+            metric = make_metric(kind, device)
+            reg = make_registration(kind, metric, device, amp=bf16)
+            ls_times, ls_mem = time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)
+            ref_times, ref_mem = ([], None)
+            if not args.no_reference:
+                ref_times, ref_mem = time_reference(
+                    kind, metric, fixed, moving, mask, args.warmup, args.iters, bf16
+                )
+            ls_ms, ref_ms = _median(ls_times), (_median(ref_times) if ref_times else None)
+            rec = Record(
+                device.type,
+                args.dtype,
+                kind,
+                batch,
+                list(shape),
+                ls_ms,
+                ref_ms,
+                (ref_ms / ls_ms) if ref_ms else None,
+                ls_mem,
+                ref_mem,
+                ls_times,
+                ref_times,
+            )
+            records.append(rec)
+            print(
+                f"  {kind:8s} B={batch}: learnsim {_fmt(ls_ms)} ms, reference {_fmt(ref_ms)} ms, "
+                f"x{_fmt(rec.speedup, '.2f')}",
+                flush=True,
+            )
+            if args.proposals:
+                proposals.append(bench_proposal(kind, metric, fixed, moving, mask, args, bf16))
+
+    print()
+    print(
+        "| device | dtype | case | batch | ms/iter learnsim | ms/iter reference | speed-up | peak GiB learnsim | peak GiB reference |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        print(
+            f"| {r.device} | {r.dtype} | {r.case} | {r.batch} | {_fmt(r.learnsim_ms)} | {_fmt(r.reference_ms)} | "
+            f"{_fmt(r.speedup, '.2f')} | {_fmt(r.learnsim_peak_gib, '.2f')} | {_fmt(r.reference_peak_gib, '.2f')} |"
+        )
+    if device.type == "cpu":
+        print("\n(CPU peak memory: growth of the resident set during the case, sampled; approximate)")
+
+    if proposals:
+        print("\n| case | batch | ms/iter learnsim | ms/iter proposed | delta | same loss |")
+        print("|---|---|---|---|---|---|")
+        for p in proposals:
+            print(
+                f"| {p['case']} | {p['batch']} | {_fmt(p['current_ms'])} | {_fmt(p['proposed_ms'])} | "
+                f"{_fmt(p['delta_pct'], '+.1f')}% | {p['same_loss']} ({p['loss_rel_diff']:.0e}) |"
+            )
+
+    integration: list[dict] = []
+    if not args.no_integration:
+        print(
+            "\n| batch | integrate+warp fwd learnsim ms | MONAI DVF2DDF+Warp fwd ms | fwd+bwd learnsim ms | fwd+bwd MONAI ms |"
+            " integrate_svf ms | GB/s | % of peak | max |diff| |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for batch in args.batch:
+            _, moving, _ = make_inputs(shape, batch, device)
+            res = bench_integration(moving, max(1, args.warmup), max(3, args.iters), peak_gbs)
+            res["batch"] = batch
+            integration.append(res)
+            print(
+                f"| {batch} | {_fmt(res['learnsim_fwd_ms'])} | {_fmt(res['monai_fwd_ms'])} | {_fmt(res['learnsim_fwd_bwd_ms'])} | "
+                f"{_fmt(res['monai_fwd_bwd_ms'])} | {_fmt(res['integrate_ms'])} | {_fmt(res['integrate_gbs'])} | "
+                f"{_fmt(res['integrate_pct_peak'])} | {res['max_abs_diff']:.1e} |"
+            )
+        print(
+            f"\n(bandwidth: {squaring_bytes_per_voxel()} B/voxel/squaring, fp32: read field 3 ch + 8 gather taps x 3 ch"
+            f" + write 3 ch, no cache reuse counted; peak {_fmt(peak_gbs, '.0f')} GB/s)"
+        )
+
+    _, moving1, _ = make_inputs(shape, 1, device)
+    fixed1 = make_inputs(shape, 1, device)[0]
+    vxm = bench_voxelmorph(fixed1, moving1, max(1, args.warmup), max(3, args.iters))
+    print(
+        f"\nVoxelMorph inference per pair: {_fmt(vxm.get('ms_per_pair'))} ms"
+        if vxm["status"] == "ok"
+        else f"\nVoxelMorph inference per pair: {vxm['status']}"
+    )
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "env": env,
+                    "q_v": [asdict(r) for r in records],
+                    "proposals": proposals,
+                    "integration": integration,
+                    "voxelmorph": vxm,
+                },
+                f,
+                indent=1,
+            )
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
