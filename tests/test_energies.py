@@ -105,3 +105,14 @@ def test_sobolev_kernel_closed_form_and_identity_backward():
     (grad,) = torch.autograd.grad(y, x, g)
     assert torch.equal(grad, g)
     assert SobolevSmoother(False)(x) is x
+
+
+def test_lcc_is_computed_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    f = torch.rand(1, 1, 10, 11, 12)
+    m = (f + 0.1 * torch.randn_like(f)).clamp(0, 1)
+    ref = energies.lcc(f, m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = energies.lcc(f.bfloat16(), m.bfloat16())
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, ref, rtol=1e-2)

@@ -86,3 +86,23 @@ def test_q_v_fit_recovers_translation_on_non_cubic_volume():
     before = 0.5 * ((fixed - moving) ** 2).sum()
     after = 0.5 * ((fixed - warp(moving, disp)) ** 2).sum()
     assert after < 0.1 * before
+
+
+def test_svffd_fit_uses_control_grid_and_recovers_translation():
+    """The B-spline SVF: q_v lives on the control grid (spacing 4), the dense field still undoes a shift."""
+    from learnsim.transformation import SVFFD
+
+    shape = (16, 20, 24)
+    x = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    blob = lambda c: torch.exp(-(((x - c.view(3, 1, 1, 1)) / 4.0) ** 2).sum(0) * 0.5)[None, None]  # noqa: E731
+    fixed, moving = blob(torch.tensor([8.0, 10.0, 12.0])), blob(torch.tensor([9.0, 10.0, 11.0]))
+    reg = VariationalRegistration(
+        CNNSSD(learnable=False), SVFFD(6, cps=4), RegLossL2(0.5), SobolevSmoother(False),
+        no_iters=200, lr=0.05, sigma_init=0.05, u_init=0.01, uniform_noise=0.0,
+    )
+    torch.manual_seed(0)
+    fit = reg.fit(fixed, moving)
+    assert fit.params.loc.shape == (1, 3, 7, 8, 9)  # (n - 1) // 4 + 4 control points per axis
+    disp = reg.mean_displacement(fit.params, shape)
+    centre = disp[0, :, 6:11, 8:13, 10:15].mean(dim=(1, 2, 3))
+    assert torch.allclose(centre, torch.tensor([1.0, 0.0, -1.0]), atol=0.3), centre

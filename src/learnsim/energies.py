@@ -53,6 +53,12 @@ def lcc_terms(fixed: Tensor, warped: Tensor, radius: int = 1, kernel: Tensor | N
     Args:
         kernel: optional 1D window of length ``2 radius + 1`` (ones by default; a learnt window for CNN_LCC).
     """
+    # The window statistics cancel catastrophically (sum(x^2) - n mean^2) in reduced precision: always fp32.
+    with torch.autocast(fixed.device.type, enabled=False):
+        return _lcc_terms_fp32(fixed.float(), warped.float(), radius, kernel, eps)
+
+
+def _lcc_terms_fp32(fixed: Tensor, warped: Tensor, radius: int, kernel: Tensor | None, eps: float) -> Tensor:
     size = 2 * radius + 1
     if kernel is None:
         kernel = torch.ones(size, device=fixed.device, dtype=fixed.dtype)

@@ -139,7 +139,7 @@ class VariationalRegistration:
             feat_warped = self.metric.features(warped)
             ff = feat_fixed if feat_fixed.shape[0] == 1 else feat_fixed.repeat(2, 1, 1, 1, 1)
             m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
-            data = self.metric.energy_from_features(ff, feat_warped, m).float()
+            data = self.metric.energy_from_features(ff, feat_warped, m).to(v.dtype)
         energy = data + self.reg(v)
         return energy.view(2, b).mean(0) - params.entropy()
 
