@@ -16,9 +16,10 @@ from learnsim.api import load_metric
 from learnsim.cli.config import config_dir
 from learnsim.distributed import ManualSyncDDPStrategy, RankShardSampler
 from learnsim.energies import RegLossL2
+from learnsim.evaluation.metrics import mean_dice
 from learnsim.metric import build_metric
 from learnsim.spatial import gaussian_smooth, identity_grid, warp, warp_labels
-from learnsim.voxelmorph import VoxelMorphModule, VoxelMorphNet, mean_dice
+from learnsim.voxelmorph import VoxelMorphModule, VoxelMorphNet
 
 SMALL = {"enc_features": [4, 8], "dec_features": [8, 8, 8], "no_steps": 5}  # grid sizes: multiples of 4
 SHAPE = (16, 12, 8)  # non-cubic on purpose

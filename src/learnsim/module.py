@@ -41,7 +41,6 @@ How q_f is trained (``q_f_objective``):
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from torch import Tensor
 from learnsim.distributed import average_gradients
 from learnsim.distributions import QF, antithetic_samples, rand
 from learnsim.energies import RegLossL2
+from learnsim.evaluation.metrics import mean_dice
 from learnsim.metric import SimilarityMetric
 from learnsim.registration import VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
@@ -330,17 +330,7 @@ class LearnSimModule(pl.LightningModule):
         self.log("val/q_v_loss", fit.loss.mean(), batch_size=moving.shape[0], sync_dist=True)
         if bool(batch["has_seg"].all()):
             warped_seg = warp_labels(batch["moving_seg"], disp)
-            self.log("val/dsc", self._mean_dice(warped_seg, batch["fixed_seg"]), batch_size=moving.shape[0], sync_dist=True)
-
-    def _mean_dice(self, pred: Tensor, target: Tensor) -> Tensor:
-        labels = self.structures or [int(x) for x in torch.unique(target).tolist() if x != 0]
-        scores = []
-        for lab in labels:
-            p, t = pred == lab, target == lab
-            denom = p.sum() + t.sum()
-            if denom > 0:
-                scores.append(2.0 * (p & t).sum() / denom)
-        return torch.stack(scores).mean() if scores else torch.tensor(math.nan, device=pred.device)
+            self.log("val/dsc", mean_dice(warped_seg, batch["fixed_seg"], self.structures), batch_size=moving.shape[0], sync_dist=True)
 
     # ------------------------------------------------------------------------------------------ logging
     def _log_images(self, fixed: Tensor, moving: Tensor, warped: Tensor, qf_sample: Tensor) -> None:

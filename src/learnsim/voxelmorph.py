@@ -42,10 +42,11 @@ from torch import Tensor, nn
 
 from learnsim.distributed import ManualSyncDDPStrategy, average_gradients
 from learnsim.energies import RegLossL2
+from learnsim.evaluation.metrics import mean_dice
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.spatial import integrate_svf, warp, warp_labels
 
-__all__ = ["VoxelMorphNet", "VoxelMorphModule", "mean_dice"]
+__all__ = ["VoxelMorphNet", "VoxelMorphModule"]
 
 
 class VoxelMorphNet(nn.Module):
@@ -198,23 +199,6 @@ class VoxelMorphNet(nn.Module):
         """``(velocity, displacement)``, both ``[B, 3, D, H, W]`` in voxels; ``phi = id + displacement``."""
         v = self.velocity(moving, fixed)
         return v, self.integrate(v)
-
-
-def mean_dice(pred: Tensor, target: Tensor, labels: Sequence[int] | None = None) -> Tensor:
-    """Mean Dice over labels of one pair's label maps (any shape, integer).
-
-    ``labels`` defaults to the non-zero labels present in ``target``; a label absent from both maps is skipped.
-    Returns a 0-dim tensor, NaN if no label counts.
-    """
-    if labels is None:
-        labels = [int(x) for x in torch.unique(target).tolist() if x != 0]
-    scores = []
-    for lab in labels:
-        p, t = pred == lab, target == lab
-        denom = p.sum() + t.sum()
-        if denom > 0:
-            scores.append(2.0 * (p & t).sum() / denom)
-    return torch.stack(scores).float().mean() if scores else torch.tensor(math.nan, device=pred.device)
 
 
 def _freeze(metric: SimilarityMetric) -> SimilarityMetric:

@@ -34,6 +34,7 @@ Regularity (of ``phi = id + u``, det J from :func:`learnsim.spatial.jacobian_det
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -289,3 +290,20 @@ def jacobian_stats(disp: Tensor, mask: Tensor | None = None) -> dict[str, float]
         res["folding_voxels_mask"] = int(mcount[0])
         res["folding_pct_mask"] = float(mpct[0])
     return res
+
+
+def mean_dice(pred: Tensor, target: Tensor, labels: Sequence[int] | None = None) -> Tensor:
+    """Mean Dice over labels of one pair's label maps (any shape, integer), in torch on any device (for logging).
+
+    ``labels`` defaults to the non-zero labels present in ``target``; a label absent from both maps is skipped.
+    Returns a 0-dim tensor, NaN if no label counts.
+    """
+    if labels is None:
+        labels = [int(x) for x in torch.unique(target).tolist() if x != 0]
+    scores = []
+    for lab in labels:
+        p, t = pred == lab, target == lab
+        denom = p.sum() + t.sum()
+        if denom > 0:
+            scores.append(2.0 * (p & t).sum() / denom)
+    return torch.stack(scores).float().mean() if scores else torch.tensor(math.nan, device=pred.device)
