@@ -10,7 +10,7 @@ EPOCHS="${VXM_EPOCHS:-8}"
 METRIC_CKPT="$OUT/train_learnt_ssd/checkpoints/last.ckpt"
 [ -f "$METRIC_CKPT" ] || { echo "run scripts/demo.sh first (no $METRIC_CKPT)"; exit 1; }
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
-small=(paths.data_dir="$DATA" data.dims=[48,48,48] data.batch_size=4 trainer=cpu transformation.no_steps=6
+small=(paths.data_dir="$DATA" data.dims=[48,48,48] data.batch_size=4 data.num_workers=0 trainer=cpu transformation.no_steps=6
        model.lr=1e-3 trainer.max_epochs="$EPOCHS")
 for run in "vxm_ssd +experiment=vxm_ssd" "vxm_learnt_ssd +experiment=vxm_learnt_ssd metric_ckpt=$METRIC_CKPT"; do
   set -- $run
@@ -18,7 +18,7 @@ for run in "vxm_ssd +experiment=vxm_ssd" "vxm_learnt_ssd +experiment=vxm_learnt_
   rm -rf "$OUT/train_$name" "$OUT/test_$name"
   learnsim-train "$@" "${small[@]}" hydra.run.dir="$OUT/train_$name"
   learnsim-test +experiment=vxm_ssd ckpt="$OUT/train_$name/checkpoints/last.ckpt" name="$name" \
-    paths.data_dir="$DATA" data.dims=[48,48,48] transformation.no_steps=6 hydra.run.dir="$OUT/test_$name"
+    paths.data_dir="$DATA" data.dims=[48,48,48] data.num_workers=0 transformation.no_steps=6 hydra.run.dir="$OUT/test_$name"
 done
 python scripts/compare_runs.py "$OUT/test_vxm_ssd" "$OUT/test_vxm_learnt_ssd" "$OUT/test_ssd_baseline" \
   "$OUT/test_learnt_ssd" --labels VXM_SSD VXM_learnt_SSD SSD learnt_SSD --out "$OUT/compare_vxm"
