@@ -55,16 +55,19 @@ def lcc_terms(fixed: Tensor, warped: Tensor, radius: int = 1, kernel: Tensor | N
     """
     # The window statistics cancel catastrophically (sum(x^2) - n mean^2) in reduced precision: always fp32.
     with torch.autocast(fixed.device.type, enabled=False):
-        return _lcc_terms_fp32(fixed.float(), warped.float(), radius, kernel, eps)
+        dtype = torch.promote_types(torch.promote_types(fixed.dtype, warped.dtype), torch.float32)
+        return _lcc_terms_fp32(fixed.to(dtype), warped.to(dtype), radius, kernel, eps)
 
 
 def _lcc_terms_fp32(fixed: Tensor, warped: Tensor, radius: int, kernel: Tensor | None, eps: float) -> Tensor:
     size = 2 * radius + 1
     if kernel is None:
-        kernel = torch.ones(size, device=fixed.device, dtype=fixed.dtype)
-    if kernel.numel() != size:
-        raise ValueError(f"lcc: kernel length {kernel.numel()} != 2*radius+1 = {size}")
-    n = kernel.sum() ** 3
+        kernel = [1.0] * size  # host floats: the fast shifted-sum path, no device reads
+        n: Tensor | float = float(size**3)
+    else:
+        if kernel.numel() != size:
+            raise ValueError(f"lcc: kernel length {kernel.numel()} != 2*radius+1 = {size}")
+        n = kernel.sum() ** 3
     if fixed.shape[0] != warped.shape[0]:
         fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
     # one batched filter call over the five statistics

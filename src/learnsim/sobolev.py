@@ -34,8 +34,8 @@ def sobolev_kernel_1d(s: int = 3, lam: float = 0.5, dtype: torch.dtype = torch.f
 
 class _SmoothIdentityBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, field: Tensor, kernel: Tensor) -> Tensor:  # type: ignore[override]
-        return separable_filter(field, kernel)
+    def forward(ctx, field: Tensor, weights: list[float]) -> Tensor:  # type: ignore[override]
+        return separable_filter(field, weights)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -55,8 +55,10 @@ class SobolevSmoother(nn.Module):
         super().__init__()
         self.enabled = enabled
         self.register_buffer("kernel", sobolev_kernel_1d(s, lam, torch.float32), persistent=False)
+        # host floats: applying the kernel never reads device memory (no sync in the q_v loop)
+        self.weights = self.kernel.tolist()
 
     def forward(self, field: Tensor) -> Tensor:
         if not self.enabled:
             return field
-        return _SmoothIdentityBackward.apply(field, self.kernel.to(field.dtype))
+        return _SmoothIdentityBackward.apply(field, self.weights)

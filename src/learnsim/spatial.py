@@ -249,15 +249,45 @@ def gaussian_smooth(field: Tensor, sigma: float) -> Tensor:
     if sigma <= 0:
         return field
     radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    return separable_filter(field, k)
+    k = [math.exp(-0.5 * (x / sigma) ** 2) for x in range(-radius, radius + 1)]
+    total = sum(k)
+    return separable_filter(field, [w / total for w in k])
 
 
-def separable_filter(field: Tensor, kernel: Tensor, padding_mode: str = "replicate") -> Tensor:
-    """Apply the same odd-length 1D ``kernel`` along D, H and W of ``[B, C, D, H, W]`` (per channel)."""
-    if kernel.dim() != 1 or kernel.numel() % 2 != 1:
+def separable_filter(field: Tensor, kernel: Tensor | Sequence[float], padding_mode: str = "replicate") -> Tensor:
+    """Apply the same odd-length 1D ``kernel`` along D, H and W of ``[B, C, D, H, W]`` (per channel).
+
+    ``kernel`` given as Python floats (or a tensor that needs no gradient) is applied as a weighted sum of shifted
+    views of one padded copy per axis: no grouped 1D ``conv3d`` (slow on CPU and, depthwise in 3D, on cuDNN). A
+    kernel tensor that requires grad (a learnt LCC window) goes through ``conv3d`` so that it gets its gradient.
+    Pass floats on CUDA: converting a device tensor costs a host sync.
+    """
+    if isinstance(kernel, Tensor):
+        if kernel.dim() != 1:
+            raise ValueError(f"separable_filter: kernel must be 1D; got {tuple(kernel.shape)}")
+        if kernel.requires_grad:
+            return _separable_conv(field, kernel, padding_mode)
+        kernel = kernel.tolist()
+    weights = [float(w) for w in kernel]
+    if len(weights) % 2 != 1:
+        raise ValueError(f"separable_filter: kernel length must be odd; got {len(weights)}")
+    r = len(weights) // 2
+    out = field
+    for axis in range(3):
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = r
+        pad[2 * (2 - axis) + 1] = r
+        padded = F.pad(out, pad, mode=padding_mode) if r > 0 else out
+        n = field.shape[2 + axis]
+        acc = padded.narrow(2 + axis, 0, n) * weights[0]
+        for j in range(1, len(weights)):
+            acc.add_(padded.narrow(2 + axis, j, n), alpha=weights[j])
+        out = acc
+    return out
+
+
+def _separable_conv(field: Tensor, kernel: Tensor, padding_mode: str) -> Tensor:
+    if kernel.numel() % 2 != 1:
         raise ValueError(f"separable_filter: kernel must be 1D with odd length; got {tuple(kernel.shape)}")
     c = field.shape[1]
     r = kernel.numel() // 2
