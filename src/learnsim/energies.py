@@ -117,12 +117,23 @@ def entropy_constant(numel: int) -> float:
 
 
 class SSD(nn.Module):
-    """SSD data term as a module: ``forward(fixed, warped, mask) -> [B]``."""
+    """SSD data term as a module: ``forward(fixed, warped, mask) -> [B]``.
+
+    Args:
+        weight: multiplies the energy: the precision ``1 / sigma_n^2`` of the Gaussian likelihood the energy is the
+            negative log of (1, the original's, means a noise std of 1 on [0, 1] images: a weak likelihood next to
+            ``w_reg`` and the entropy; see the README, "Energy scales").
+    """
 
     radius = 0
 
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return ssd(fixed, warped, mask)
+        e = ssd(fixed, warped, mask)
+        return e if self.weight == 1.0 else self.weight * e
 
 
 class LCC(nn.Module):
@@ -131,10 +142,12 @@ class LCC(nn.Module):
     Args:
         radius: window half-width.
         learnable_window: learn the separable window weights (initialised to ones; kept positive).
+        weight: multiplies the energy (see :class:`SSD`).
     """
 
-    def __init__(self, radius: int = 1, learnable_window: bool = False) -> None:
+    def __init__(self, radius: int = 1, learnable_window: bool = False, weight: float = 1.0) -> None:
         super().__init__()
+        self.weight = float(weight)
         self.radius = int(radius)
         self.learnable_window = bool(learnable_window)
         window = torch.ones(2 * self.radius + 1)
@@ -145,7 +158,8 @@ class LCC(nn.Module):
 
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
         window = self.window.clamp_min(1e-3) if self.learnable_window else None
-        return lcc(fixed, warped, mask, self.radius, window)
+        e = lcc(fixed, warped, mask, self.radius, window)
+        return e if self.weight == 1.0 else self.weight * e
 
 
 class RegLossL2(nn.Module):

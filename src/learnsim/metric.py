@@ -104,6 +104,8 @@ class SimilarityMetric(nn.Module):
             "no_features": [int(c) for c in no_features],
             "negative_slope": float(negative_slope),
         }
+        if energy.weight != 1.0:
+            self.spec["weight"] = energy.weight
         if isinstance(energy, LCC):
             self.spec.update(radius=energy.radius, learnable_window=energy.learnable_window)
 
@@ -124,15 +126,16 @@ class SimilarityMetric(nn.Module):
 
 
 def CNNSSD(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
-           init_noise: float = 1e-7) -> SimilarityMetric:
-    """CNN_SSD: ``0.5 * sum_mask (a(F) - a(M o phi))^2``."""
-    return SimilarityMetric(SSD(), learnable, no_features, negative_slope, init_noise)
+           init_noise: float = 1e-7, weight: float = 1.0) -> SimilarityMetric:
+    """CNN_SSD: ``0.5 * weight * sum_mask (a(F) - a(M o phi))^2``."""
+    return SimilarityMetric(SSD(weight), learnable, no_features, negative_slope, init_noise)
 
 
 def CNNLCC(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
-           init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False) -> SimilarityMetric:
+           init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False, weight: float = 1.0) -> SimilarityMetric:
     """CNN_LCC: LCC between the feature maps, window ``(2 radius + 1)^3`` (optionally learnt)."""
-    return SimilarityMetric(LCC(radius, learnable_window and learnable), learnable, no_features, negative_slope, init_noise)
+    return SimilarityMetric(LCC(radius, learnable_window and learnable, weight), learnable, no_features, negative_slope,
+                            init_noise)
 
 
 def build_metric(kind: str, **kwargs) -> SimilarityMetric:
