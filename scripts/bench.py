@@ -424,36 +424,15 @@ def bench_voxelmorph(fixed, moving, warmup: int, iters: int) -> dict:
 # ------------------------------------------------------------------------------------------------ proposals
 # PROPOSALS for the hot path (owners: spatial.py, energies.py, sobolev.py, registration.py / module.py). Same
 # maths; ``--proposals`` times ``fit`` with them patched in against the current code, in the same process, and
-# checks that the loss is unchanged for the same draws. Move them into learnsim when accepted.
+# checks that the loss is unchanged for the same draws. The shifted-view filter has been adopted (so those
+# patches now time learnsim against itself); fused Adam is still a proposal.
 
 
 def proposed_separable_filter(field: torch.Tensor, weights, padding_mode: str = "replicate") -> torch.Tensor:
-    """Drop-in for :func:`learnsim.spatial.separable_filter` for short constant kernels given as Python floats.
+    """The shifted-view filter, now adopted as :func:`learnsim.spatial.separable_filter` (weights as floats)."""
+    from learnsim.spatial import separable_filter
 
-    Per axis: one replicate pad, then the weighted sum of the ``k`` shifted views accumulated in place
-    (``acc.add_(view, alpha=w)``): no grouped 1D ``conv3d`` (slow on CPU and, depthwise 3D, on cuDNN too), no
-    temporaries. Differentiable (the in-place adds are on a fresh tensor). ``weights``: a sequence of floats; a
-    tensor is converted with ``tolist()`` (a host sync on CUDA: pass floats, e.g. cached at construction).
-    """
-    if isinstance(weights, torch.Tensor):
-        weights = weights.tolist()
-    k = len(weights)
-    if k % 2 != 1:
-        raise ValueError(f"proposed_separable_filter: kernel length must be odd; got {k}")
-    r = k // 2
-    out = field
-    for axis in range(3):
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = r
-        pad[2 * (2 - axis) + 1] = r
-        padded = F.pad(out, pad, mode=padding_mode) if r > 0 else out
-        n = field.shape[2 + axis]
-        first = padded.narrow(2 + axis, 0, n)
-        acc = first.clone() if weights[0] == 1.0 else first * weights[0]
-        for j in range(1, k):
-            acc.add_(padded.narrow(2 + axis, j, n), alpha=weights[j])
-        out = acc
-    return out
+    return separable_filter(field, [float(w) for w in weights], padding_mode)
 
 
 def proposed_lcc_terms(fixed, warped, radius: int = 1, kernel=None, eps: float = 1e-5):
