@@ -54,7 +54,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from learnsim.energies import RegLossL2
 from learnsim.metric import build_metric
