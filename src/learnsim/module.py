@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from learnsim.distributed import average_gradients
-from learnsim.distributions import QF, antithetic_samples, rand
+from learnsim.distributions import QF, antithetic_samples
 from learnsim.energies import RegLossL2
 from learnsim.evaluation.metrics import mean_dice
 from learnsim.metric import SimilarityMetric
@@ -234,9 +234,7 @@ class LearnSimModule(pl.LightningModule):
         with torch.no_grad():
             v_sample, _ = antithetic_samples(fit.params, gens)
             _, disp = self.registration.displacement(v_sample, shape)
-            if self.registration.uniform_noise > 0:
-                disp = disp + (rand(disp.shape, disp, gens) * 2 - 1) * self.registration.uniform_noise
-            warped = warp(moving, disp)
+            warped = warp(moving, self.registration.add_coordinate_noise(disp, gens))
         f1, f2 = self.q_f.sample_antithetic(self._generator(1, self.current_epoch, batch_idx))
         feat_w = self.metric.features(warped)
         e_fixed = self.metric.energy_from_features(self.metric.features(fixed), feat_w, mask)

@@ -103,6 +103,18 @@ class VariationalRegistration:
         v = self.transformation.velocity(self.sobolev(params_sample), shape)
         return v, self.transformation(v)
 
+    def add_coordinate_noise(self, disp: Tensor, generator: Generators = None, chunks: int = 1) -> Tensor:
+        """``disp`` plus U(-a, a) voxel noise on every sampling coordinate (``a = uniform_noise``; 0: unchanged).
+
+        ``disp`` holds ``chunks`` stacked batches of pairs; each chunk is drawn separately so that per-pair
+        generators give every pair its own stream. Used while training only.
+        """
+        if self.uniform_noise <= 0:
+            return disp
+        b = disp.shape[0] // chunks
+        noise = torch.cat([rand((b, *disp.shape[1:]), disp, generator) for _ in range(chunks)])
+        return disp + (noise * 2 - 1) * self.uniform_noise
+
     def _autocast(self, device: torch.device):
         if self.amp and device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -130,10 +142,9 @@ class VariationalRegistration:
         shape = moving.shape[2:]
         v1, v2 = antithetic_samples(params, generator)
         v, disp = self.displacement(torch.cat([v1, v2]), shape)
-        if training and self.uniform_noise > 0:
+        if training:
             # antithetic halves get independent noise, drawn from the same per-pair generators
-            noise = torch.cat([rand((b, *disp.shape[1:]), disp, generator) for _ in range(2)])
-            disp = disp + (noise * 2 - 1) * self.uniform_noise
+            disp = self.add_coordinate_noise(disp, generator, chunks=2)
         with self._autocast(moving.device):
             warped = warp(moving.repeat(2, 1, 1, 1, 1), disp)
             feat_warped = self.metric.features(warped)
