@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,8 @@ def register(
     no_iters: int | None = None,
     lr: float | None = None,
     w_reg: float | None = None,
+    data_weight: float | None = None,
+    histmatch: bool = False,
     sigma_init: float = 0.5,
     u_init: float = 0.1,
     rank: int = 1,
@@ -153,6 +156,10 @@ def register(
         transformation: ``"svf"`` or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
         no_iters, lr, w_reg: default to the original settings of the metric's energy (SSD: 1024, 0.01, 1.8;
             LCC: 1344, 0.02, 2.8).
+        data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``; None keeps the
+            metric's own, 1 for the baselines as in the paper; the README's "Energy scales" says when to raise it).
+        histmatch: match the moving image's histogram (inside its non-zero voxels) to the fixed image's (inside
+            ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`).
     """
     dev = resolve_device(device)
     notes: list[str] = []
@@ -160,6 +167,12 @@ def register(
         metric = load_metric(metric)
     if isinstance(metric, str):
         metric = build_metric(metric)
+    if data_weight is not None:
+        if not data_weight > 0:
+            raise ValueError(f"data_weight must be > 0; got {data_weight}")
+        metric = copy.deepcopy(metric)  # never change the caller's metric
+        metric.energy.weight = float(data_weight)
+        metric.spec["weight"] = float(data_weight)
     energy = "lcc" if "lcc" in metric.spec["kind"] else "ssd"
     defaults = DEFAULTS[energy]
 
@@ -201,6 +214,14 @@ def register(
         if pf.mask is not None:
             mask_t = torch.from_numpy(pf.mask.astype(np.float32))[None, None]
         grid_affine = grid.affine
+
+    if histmatch:
+        from learnsim.data.preprocess import match_histogram
+
+        ref_mask = mask_t[0, 0].cpu().numpy() if mask_t is not None else None
+        matched = match_histogram(moving_t[0, 0].cpu().numpy(), None, fixed_t[0, 0].cpu().numpy(), ref_mask)
+        moving_t = torch.from_numpy(matched)[None, None]
+        notes.append("moving histogram matched to the fixed image's")
 
     torch.manual_seed(seed)
     tr = SVFFD(no_steps, cps) if transformation == "svffd" else SVF(no_steps)

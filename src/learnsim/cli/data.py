@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-disp-mm",
         type=float,
         nargs=2,
-        default=(2.0, 4.0),
+        default=(6.0, 9.0),
         metavar=("LO", "HI"),
-        help="range of the largest displacement of each pseudo-subject, mm (default 2 4)",
+        help="range of the largest displacement of each pseudo-subject, mm (default 6 9)",
     )
     d.add_argument(
         "--cache",

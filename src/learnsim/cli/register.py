@@ -47,7 +47,7 @@ def _parse_overrides(items: list[str]) -> dict:
                 out[key] = value.lower() in ("1", "true", "yes", "on")
             elif isinstance(default, int) or key == "no_iters":
                 out[key] = int(value)
-            elif isinstance(default, float) or key in ("lr", "w_reg"):
+            elif isinstance(default, float) or key in ("lr", "w_reg", "data_weight"):
                 out[key] = float(value)
             else:
                 out[key] = value

@@ -31,6 +31,7 @@ class PairDataModule(pl.LightningDataModule):
     """Train/val/test pair lists -> dataloaders of :data:`learnsim.data.dataset.BATCH_KEYS` dicts.
 
     Validation and test loaders use batch size 1 and keep the CSV order; the train loader shuffles if ``shuffle``.
+    ``intensity`` (``"minmax"`` or ``"histmatch"``) is passed to :class:`~learnsim.data.dataset.PairDataset`.
     """
 
     def __init__(
@@ -44,8 +45,10 @@ class PairDataModule(pl.LightningDataModule):
         structures: Sequence[int] | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        intensity: str = "minmax",
     ):
         super().__init__()
+        self.intensity = str(intensity)
         self.train_csv = train_csv if _given(train_csv) else None
         self.val_csv = val_csv if _given(val_csv) else None
         self.test_csv = test_csv if _given(test_csv) else None
@@ -60,7 +63,7 @@ class PairDataModule(pl.LightningDataModule):
         self.test_set: PairDataset | None = None
 
     def _make(self, csv: str | os.PathLike | None) -> PairDataset | None:
-        return PairDataset(csv, self.dims, self.structures) if csv is not None else None
+        return PairDataset(csv, self.dims, self.structures, intensity=self.intensity) if csv is not None else None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, preprocess, target_grid
+from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, match_histogram, preprocess, target_grid
 from learnsim.data.validate import PairRecord, validate_pairs
 
 __all__ = ["PairDataset", "BATCH_KEYS", "pair_ids"]
@@ -66,6 +66,9 @@ class PairDataset(Dataset):
         structures: FreeSurfer ids to evaluate. Every given label map must contain them all (validated); other ids
             are set to background. ``None`` keeps every label.
         cache: keep preprocessed moving volumes in memory (the fixed image is always cached).
+        intensity: ``"minmax"`` (the original: each image min-max scaled to [0, 1] inside its mask) or
+            ``"histmatch"`` (then each moving image's histogram inside its mask is matched to the fixed image's:
+            :func:`learnsim.data.preprocess.match_histogram`; for cohorts whose contrast differs from the atlas').
 
     Items are dicts with exactly :data:`BATCH_KEYS`:
 
@@ -84,7 +87,11 @@ class PairDataset(Dataset):
         dims: int | Sequence[int] = (64, 64, 64),
         structures: Sequence[int] | None = None,
         cache: bool = True,
+        intensity: str = "minmax",
     ):
+        if intensity not in ("minmax", "histmatch"):
+            raise ValueError(f"{csv_path}: data.intensity must be 'minmax' or 'histmatch'; got {intensity!r}")
+        self.intensity = intensity
         self.csv_path = Path(csv_path)
         self.structures = tuple(int(s) for s in structures) if structures is not None else None
         self.records = validate_pairs(self.csv_path, required_labels=self.structures)
@@ -129,6 +136,9 @@ class PairDataset(Dataset):
         hit = self._moving.get(rec.index)
         if hit is None:
             hit = self._load(rec.moving, rec.moving_mask, rec.moving_seg)
+            if self.intensity == "histmatch":
+                fixed = self._load_fixed(rec)
+                hit.image = match_histogram(hit.image, hit.mask, fixed.image, fixed.mask)
             if self.cache:
                 self._moving[rec.index] = hit
         return hit

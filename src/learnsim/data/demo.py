@@ -6,8 +6,9 @@ mapped to FreeSurfer ids (:data:`learnsim.data.labels.CEREBRA_TO_FS`).
 Pseudo-subjects (moving images): a real source volume brought onto the atlas grid by :func:`preprocess`, then
 
 * a random smooth diffeomorphism: a stationary velocity field drawn as a cubic B-spline with control points every
-  ``dims / 8`` voxels (about 29 mm), scaled so its largest displacement is 2-4 mm, integrated by scaling and
-  squaring (:func:`learnsim.spatial.integrate_svf`); image trilinear, mask and labels nearest;
+  ``dims / 8`` voxels (about 29 mm), scaled so its largest displacement is 6-9 mm (of the order of inter-subject
+  differences left after affine alignment; 2-4 mm would be sub-voxel at the 48^3 CPU demo grid, ~4 mm voxels, and
+  leave nothing to register), integrated by scaling and squaring (:func:`learnsim.spatial.integrate_svf`); image trilinear, mask and labels nearest;
 * a smooth multiplicative bias field (B-spline, control points every ``dims / 4`` voxels, ``exp`` of +-10-30 %),
 * a gamma change (gamma in [0.78, 1.28]), then min-max to [0, 1] inside the brain mask.
 
@@ -111,7 +112,7 @@ class DemoConfig:
     n_val: int = 2
     n_test: int = 4
     seed: int = 0
-    max_disp_mm: tuple[float, float] = (2.0, 4.0)
+    max_disp_mm: tuple[float, float] = (6.0, 9.0)
     bias: tuple[float, float] = (0.1, 0.3)
     log_gamma: float = 0.25
     svf_steps: int = 7
