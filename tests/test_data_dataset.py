@@ -182,3 +182,19 @@ def test_datamodule_shards_pairs_by_rank(ukbb_root: Path, tmp_path: Path):
     assert sorted(seen) == [0, 1, 2, 3]
     atlas = dm.atlas()
     assert atlas.shape == (1, 1, 12, 12, 12) and torch.equal(atlas[0], dm.train_set[0]["fixed"])
+
+
+def test_dataset_histogram_matching(ukbb_root: Path, tmp_path: Path):
+    build_ukbb(ukbb_root, "1000", ["1001"], tmp_path / "o", dims=16, log=quiet)
+    csv = tmp_path / "o" / "train.csv"
+    plain = PairDataset(csv, dims=16)[0]
+    matched = PairDataset(csv, dims=16, intensity="histmatch")[0]
+    inside_m = matched["moving_mask"] > 0
+    inside_f = matched["fixed_mask"] > 0
+    q = torch.linspace(0.05, 0.95, 10, dtype=torch.float64)
+    ref_q = torch.quantile(matched["fixed"][inside_f].double(), q)
+    assert torch.allclose(torch.quantile(matched["moving"][inside_m].double(), q), ref_q, atol=0.03)
+    assert (matched["moving"][~inside_m] == 0).all()
+    assert torch.equal(matched["fixed"], plain["fixed"]) and torch.equal(matched["moving_seg"], plain["moving_seg"])
+    with pytest.raises(ValueError, match="train.csv: data.intensity must be"):
+        PairDataset(csv, dims=16, intensity="zscore")

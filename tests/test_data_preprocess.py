@@ -16,6 +16,7 @@ from learnsim.data.preprocess import (
     Volume,
     canonical_grid,
     cube_grid,
+    match_histogram,
     minmax,
     preprocess,
     resample_to_grid,
@@ -260,3 +261,30 @@ def test_displacement_also_moves_volumes_already_on_the_grid():
     expected[3:7, 6:10, 7:11] = 10
     np.testing.assert_array_equal(p.seg, expected)
     np.testing.assert_array_equal(p.mask, expected > 0)
+
+
+def test_match_histogram_undoes_a_monotone_contrast_change():
+    rng = np.random.default_rng(0)
+    ref = rng.random((20, 22, 24)).astype(np.float32)
+    mask = np.zeros(ref.shape, bool)
+    mask[2:-2, 3:-3, 1:-1] = True
+    # the same anatomy under another contrast (gamma 1.6, then a linear rescale): a monotone map of ref
+    moved = np.where(mask, 0.2 + 0.5 * ref**1.6, 0.0).astype(np.float32)
+    out = match_histogram(moved, mask, np.where(mask, ref, 0), mask, n_quantiles=256)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert np.abs(out[mask] - ref[mask]).max() < 0.02  # quantile knots every 1/256
+    assert (out[~mask] == 0).all()
+    # monotone: the voxel order inside the mask is kept
+    order = np.argsort(moved[mask], kind="stable")
+    assert (np.diff(out[mask][order]) >= -1e-6).all()
+
+
+def test_match_histogram_flat_regions_and_empty_masks():
+    img = np.zeros((6, 6, 6), np.float32)
+    img[1:5, 1:5, 1:5] = 0.5  # a plateau: repeated quantiles
+    img[2:4, 2:4, 2:4] = 1.0
+    ref = np.linspace(0, 1, 216, dtype=np.float32).reshape(6, 6, 6)
+    out = match_histogram(img, img > 0, ref, None)
+    assert np.isfinite(out).all() and out[2, 2, 2] > out[1, 1, 1] > 0
+    with pytest.raises(ValueError, match="empty mask"):
+        match_histogram(img, np.zeros_like(img), ref, None)
