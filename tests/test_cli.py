@@ -49,6 +49,12 @@ def test_paper_settings_are_the_defaults():
     assert ssd.sobolev.s == 3 and ssd.sobolev.lam == 0.5 and ssd.uniform_noise == 0.1
     assert ssd.data.batch_size == 5 and list(ssd.data.dims) == [128, 128, 128] and ssd.trainer.max_epochs == 50
     assert ssd.logger.offline is True
+    assert ssd.metric.energy.weight == 1.0 and lcc.metric.energy.weight == 1.0 and ssd.data.intensity == "minmax"
+    demo = _compose("train", ["+experiment=demo"])
+    assert demo.metric.energy.weight == 100.0 and demo.data.intensity == "histmatch"
+    assert _compose("train", ["+experiment=demo_lcc"]).metric.energy.weight == 10.0
+    vxm = _compose("train", ["+experiment=vxm_ssd", "metric.energy.weight=100"])  # as scripts/demo_vxm.sh
+    assert instantiate(vxm.metric).energy.weight == 100.0
     assert _compose("train", ["+experiment=ssd", "logger=wandb_online"]).logger.offline is False
 
 
