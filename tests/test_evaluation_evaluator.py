@@ -109,6 +109,14 @@ def test_tables_and_summary(identity_run) -> None:
     assert absent[["dsc", "asd_mm", "hd95_mm"]].isna().all().all()
     mean_rows = pd.read_csv(out / "metrics_mean.csv")
     assert list(mean_rows.columns) == METRIC_COLUMNS and set(mean_rows["sample"]) == {-1}
+    before = pd.read_csv(out / "metrics_before.csv")
+    assert list(before.columns) == METRIC_COLUMNS and set(before["sample"]) == {-2}
+    # moving seg = fixed seg in both pairs: DSC 1 before registration (NaN where the structure is absent);
+    # pair a's posterior mean is the identity, so its rows equal the before rows
+    present = before["label"] != 16
+    assert np.allclose(before.loc[present, "dsc"], 1.0) and before.loc[~present, "dsc"].isna().all()
+    a_mean, a_before = mean_rows[mean_rows["pair"] == "a"], before[before["pair"] == "a"]
+    assert np.allclose(a_mean["dsc"].to_numpy(), a_before["dsc"].to_numpy(), equal_nan=True)
     per_pair = pd.read_csv(out / "per_pair.csv")
     assert list(per_pair.columns[: len(PER_PAIR_COLUMNS)]) == PER_PAIR_COLUMNS
     assert per_pair["pair"].tolist() == ["a", "b"] and per_pair["loss"].tolist() == [0.5, 0.25]
@@ -120,6 +128,8 @@ def test_tables_and_summary(identity_run) -> None:
     assert summary["structures"]["L thalamus"]["label"] == 10
     for key in ("dsc", "asd_mm", "hd95_mm"):
         assert set(summary["overall"][key]) == {"mean", "std", "n", "n_nan"}
+    assert summary["before_registration"]["dsc"]["mean"] == pytest.approx(1.0)
+    assert summary["mean_transformation"]["dsc"]["mean"] < 1.0  # pair b's mean is shifted
     assert summary["seconds"]["mean"] == pytest.approx(1.625)
     assert "pooled_spearman_disagreement" in summary["calibration"]
     bins = pd.read_csv(out / "calibration_bins.csv")

@@ -11,6 +11,8 @@ Outputs under ``out_dir`` (all written atomically):
   (``sample`` = 0..n-1, the first ``metric_samples`` posterior samples).
 * ``metrics_mean.csv`` — the same columns for the posterior-mean transformation (``sample`` = ``-1``), kept apart so
   that averages over ``metrics.csv`` are over samples only.
+* ``metrics_before.csv`` — the same columns before registration (the identity, i.e. affine-only; ``sample`` = ``-2``):
+  the start every run is compared with.
 * ``per_pair.csv`` — ``pair, folding_voxels, folding_pct, sdlogj, seconds`` then further per-pair values
   (``folding_*_mask``, ``detj_min/max``, ``n_samples``, ``n_metric_samples``, ``uncertainty_mean_mm``,
   ``spearman_disagreement``, ``spearman_error``, DSC/ASD/HD95 means of the pair) and the caller's ``extra`` keys.
@@ -162,6 +164,7 @@ class Evaluator:
         self.run_name = run_name or self.out_dir.resolve().name
         self._rows: list[dict[str, Any]] = []
         self._mean_rows: list[dict[str, Any]] = []
+        self._before_rows: list[dict[str, Any]] = []
         self._pairs: list[dict[str, Any]] = []
         self._calib: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -282,6 +285,7 @@ class Evaluator:
             self._mean_rows.extend(
                 self._metric_rows(pair_id, -1, warped_seg_mean, fixed_seg, spacing, unlabelled)
             )
+            self._before_rows.extend(self._metric_rows(pair_id, -2, moving_seg, fixed_seg, spacing, unlabelled))
             # Stream over samples: one warped segmentation in memory at a time.
             counter = DisagreementCounter(self.structures, shape, device)
             for i in range(n):
@@ -380,6 +384,7 @@ class Evaluator:
         per_pair = self.per_pair_table()
         _write_csv(self.out_dir / "metrics.csv", metrics)
         _write_csv(self.out_dir / "metrics_mean.csv", pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS))
+        _write_csv(self.out_dir / "metrics_before.csv", pd.DataFrame(self._before_rows, columns=METRIC_COLUMNS))
         _write_csv(self.out_dir / "per_pair.csv", per_pair)
 
         bins = None
@@ -405,6 +410,8 @@ class Evaluator:
             }
         mean_rows = pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS)
         summary["mean_transformation"] = {col: _stats(mean_rows[col]) for col in _VALUE_COLUMNS}
+        before_rows = pd.DataFrame(self._before_rows, columns=METRIC_COLUMNS)
+        summary["before_registration"] = {col: _stats(before_rows[col]) for col in _VALUE_COLUMNS}
         for col in (
             "folding_voxels",
             "folding_pct",
