@@ -23,3 +23,4 @@ for run in "vxm_ssd +experiment=vxm_ssd metric.energy.weight=100" "vxm_learnt_ss
 done
 python scripts/compare_runs.py "$OUT/test_vxm_ssd" "$OUT/test_vxm_learnt_ssd" "$OUT/test_ssd_baseline" \
   "$OUT/test_learnt_ssd" --labels VXM_SSD VXM_learnt_SSD SSD learnt_SSD --out "$OUT/compare_vxm"
+python scripts/demo_table.py --per-pair "$OUT/test_ssd_baseline" "$OUT/test_learnt_ssd" "$OUT/test_vxm_ssd" "$OUT/test_vxm_learnt_ssd"
