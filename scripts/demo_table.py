@@ -81,11 +81,7 @@ def main() -> None:
     if args.per_pair:
         print()
         table = per_pair(runs)
-        cols = ["pair", *table.columns]
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
-        for pair, values in table.iterrows():
-            print("| " + " | ".join([str(pair), *(f"{v:.3f}" for v in values)]) + " |")
+        _print([{"pair": pair, **{c: f"{v:.3f}" for c, v in values.items()}} for pair, values in table.iterrows()])
 
 
 if __name__ == "__main__":

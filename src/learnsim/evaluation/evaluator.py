@@ -382,9 +382,11 @@ class Evaluator:
         """Write the run's tables, summary and plots; return the summary dict (see module docstring)."""
         metrics = self.metrics_table()
         per_pair = self.per_pair_table()
+        mean_rows = pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS)
+        before_rows = pd.DataFrame(self._before_rows, columns=METRIC_COLUMNS)
         _write_csv(self.out_dir / "metrics.csv", metrics)
-        _write_csv(self.out_dir / "metrics_mean.csv", pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS))
-        _write_csv(self.out_dir / "metrics_before.csv", pd.DataFrame(self._before_rows, columns=METRIC_COLUMNS))
+        _write_csv(self.out_dir / "metrics_mean.csv", mean_rows)
+        _write_csv(self.out_dir / "metrics_before.csv", before_rows)
         _write_csv(self.out_dir / "per_pair.csv", per_pair)
 
         bins = None
@@ -408,9 +410,7 @@ class Evaluator:
                 "label": label,
                 **{col: _stats(sub[col]) for col in _VALUE_COLUMNS},
             }
-        mean_rows = pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS)
         summary["mean_transformation"] = {col: _stats(mean_rows[col]) for col in _VALUE_COLUMNS}
-        before_rows = pd.DataFrame(self._before_rows, columns=METRIC_COLUMNS)
         summary["before_registration"] = {col: _stats(before_rows[col]) for col in _VALUE_COLUMNS}
         for col in (
             "folding_voxels",
