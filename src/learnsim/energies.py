@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from learnsim.kernels.backend import use_numba
 from learnsim.spatial import separable_filter
 
 __all__ = [
@@ -89,6 +90,10 @@ def lcc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, radius: int =
 
 def l2_gradient_energy(v: Tensor, w_reg: float) -> Tensor:
     """``0.5 * w_reg * sum`` of squared forward differences of all components along all axes; ``[B]``."""
+    if use_numba(v) and v.dim() == 5:
+        from learnsim.kernels import ops
+
+        return ops.l2_gradient_energy(v, w_reg)
     total = sum((torch.diff(v, dim=a) ** 2).flatten(1).sum(1) for a in (2, 3, 4))
     return 0.5 * w_reg * total
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from learnsim.kernels.backend import use_numba
 from learnsim.spatial import separable_filter
 
 __all__ = ["sobolev_kernel_1d", "SobolevSmoother"]
@@ -35,6 +36,10 @@ def sobolev_kernel_1d(s: int = 3, lam: float = 0.5, dtype: torch.dtype = torch.f
 class _SmoothIdentityBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, field: Tensor, weights: list[float]) -> Tensor:  # type: ignore[override]
+        if use_numba(field):
+            from learnsim.kernels import ops
+
+            return ops.smooth(field, weights)
         return separable_filter(field, weights)
 
     @staticmethod

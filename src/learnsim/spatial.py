@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from learnsim.kernels.backend import use_numba
+
 __all__ = [
     "identity_grid",
     "to_sampling_grid",
@@ -109,6 +111,10 @@ def warp(
         raise ValueError(f"warp: image must be [B, C, D, H, W]; got {tuple(image.shape)}")
     if image.shape[2:] != disp.shape[2:]:
         raise ValueError(f"warp: image grid {tuple(image.shape[2:])} != displacement grid {tuple(disp.shape[2:])}")
+    if mode == "bilinear" and padding_mode == "border" and use_numba(image, disp) and image.shape[0] in (1, disp.shape[0]):
+        from learnsim.kernels import ops
+
+        return ops.warp(image.to(disp.dtype), disp).to(image.dtype)
     grid = to_sampling_grid(disp)
     if image.shape[0] == 1 and disp.shape[0] > 1:
         image = image.expand(disp.shape[0], *image.shape[1:])
@@ -142,6 +148,10 @@ def integrate_svf(v: Tensor, no_steps: int = 12) -> Tensor:
     _check_field(v, "v")
     if no_steps < 0:
         raise ValueError(f"integrate_svf: no_steps must be >= 0; got {no_steps}")
+    if use_numba(v):
+        from learnsim.kernels import ops
+
+        return ops.integrate_svf(v, no_steps)
     shape = v.shape[2:]
     ident, scale = _grid_constants(shape, v.device, v.dtype)
     # Work in grid_sample's normalised (x, y, z) units for the whole loop: one conversion in, one out, and

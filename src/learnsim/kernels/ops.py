@@ -1,0 +1,158 @@
+"""Autograd wrappers of the numba CPU kernels, each with a hand-written adjoint.
+
+Each function here computes exactly what its PyTorch counterpart computes (same conventions, see
+:mod:`learnsim.spatial`), in one pass forward and one pass backward, with no materialised sampling grid:
+
+* :func:`integrate_svf` — scaling and squaring (``T`` fused steps; the ``T`` intermediate fields are the only
+  saved state, fewer bytes than autograd keeps for ``grid_sample``: it stores each step's field *and* its grid);
+* :func:`warp` — trilinear pull-back warp with border padding, gradients w.r.t. the displacement and the image;
+* :func:`smooth` — separable filtering with replicate padding (no gradient: used under the Sobolev smoother's
+  identity backward);
+* :func:`l2_gradient_energy` — the L2 regulariser and its gradient in one pass.
+
+Inputs must be CPU float32/float64 tensors; :func:`learnsim.kernels.backend.use_numba` decides when these run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from learnsim.kernels import trilinear_numba as K
+
+__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "chunks"]
+
+
+def chunks() -> int:
+    """Threads the kernels run on (torch's intra-op thread count, capped by numba's pool); also the number of
+    per-chunk accumulators of the scattering adjoints."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _grid(t: Tensor) -> tuple[np.ndarray, ...]:
+    """Coordinate vectors of the grid of ``t`` ``[..., D, H, W]`` and ``[0, 1]``, in its dtype (kernel arguments)."""
+    dt = np.float64 if t.dtype == torch.float64 else np.float32
+    return (*(np.arange(n, dtype=dt) for n in t.shape[-3:]), np.array([0.0, 1.0], dtype=dt))
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """``[..., D, H, W]`` contiguous tensor -> NumPy view ``[..., D*H*W]`` (the kernels index the grid flat)."""
+    return t.detach().reshape(*t.shape[:-3], -1).numpy()
+
+
+class _Integrate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, no_steps: int) -> Tensor:  # type: ignore[override]
+        chunks()
+        u = (v * (1.0 / 2**no_steps)).contiguous()
+        grid = _grid(u)
+        saved = []
+        for _ in range(no_steps):
+            nxt = torch.empty_like(u)
+            K.squaring_forward(_flat(u), _flat(nxt), *grid)
+            saved.append(u)
+            u = nxt
+        ctx.saved_fields = saved
+        ctx.no_steps = no_steps
+        return u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        n = chunks()
+        g = grad.contiguous()
+        grid = _grid(g)
+        for u in reversed(ctx.saved_fields):
+            bufs = torch.zeros((n, *u.shape), dtype=u.dtype)
+            K.squaring_backward(_flat(u), _flat(g), _flat(bufs), *grid)
+            g = bufs[0] if n == 1 else bufs.sum(0)
+        return g * (1.0 / 2**ctx.no_steps), None
+
+
+def integrate_svf(v: Tensor, no_steps: int) -> Tensor:
+    """Displacement of ``exp(v)`` by ``no_steps`` squarings; ``v`` ``[B, 3, D, H, W]`` voxels -> same shape."""
+    if no_steps == 0:
+        return v
+    return _Integrate.apply(v, int(no_steps))
+
+
+class _Warp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image: Tensor, disp: Tensor) -> Tensor:  # type: ignore[override]
+        chunks()
+        image = image.contiguous()
+        disp = disp.contiguous()
+        out = torch.empty((disp.shape[0], image.shape[1], *disp.shape[2:]), dtype=disp.dtype)
+        K.warp_forward(_flat(image), _flat(disp), _flat(out), *_grid(disp))
+        ctx.save_for_backward(image, disp)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        image, disp = ctx.saved_tensors
+        need_image, need_disp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = chunks()
+        grad_u = torch.empty_like(disp)
+        bufs = torch.zeros((n, *image.shape) if need_image else (1, 1, 1, 1, 1, 1), dtype=image.dtype)
+        K.warp_backward(
+            _flat(image), _flat(disp), _flat(grad.contiguous()), _flat(grad_u), _flat(bufs), bool(need_image), *_grid(disp)
+        )
+        grad_image = (bufs[0] if n == 1 else bufs.sum(0)) if need_image else None
+        return grad_image, (grad_u if need_disp else None)
+
+
+def warp(image: Tensor, disp: Tensor) -> Tensor:
+    """Trilinear pull-back warp with border padding: ``image`` ``[1 or B, C, D, H, W]`` (same dtype as ``disp``),
+    ``disp`` ``[B, 3, D, H, W]`` voxels -> ``[B, C, D, H, W]``."""
+    return _Warp.apply(image, disp)
+
+
+@torch.no_grad()
+def smooth(field: Tensor, weights: Sequence[float]) -> Tensor:
+    """Separable filter of ``[B, C, D, H, W]`` along D, then H, then W (replicate padding), odd-length weights."""
+    chunks()
+    w = np.asarray(weights, dtype=np.float64 if field.dtype == torch.float64 else np.float32)
+    shape = field.shape
+    src = field.detach().contiguous().reshape(-1, *shape[2:])
+    tmp = torch.empty_like(src)
+    out = torch.empty_like(src)
+    K.smooth_axis(_np(src), _np(tmp), w, 0)
+    K.smooth_axis(_np(tmp), _np(out), w, 1)
+    K.smooth_axis(_np(out), _np(tmp), w, 2)
+    return tmp.reshape(shape)
+
+
+class _L2Gradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, w_reg: float) -> Tensor:  # type: ignore[override]
+        chunks()
+        v = v.contiguous()
+        grad = torch.empty_like(v)
+        rows = torch.empty(v.shape[0] * v.shape[2], dtype=torch.float64)
+        K.l2_gradient(_np(v), float(w_reg), _np(grad), _np(rows))
+        ctx.save_for_backward(grad)
+        return rows.view(v.shape[0], v.shape[2]).sum(1).to(v.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.view(-1, 1, 1, 1, 1), None
+
+
+def l2_gradient_energy(v: Tensor, w_reg: float) -> Tensor:
+    """``0.5 w_reg sum`` of squared forward differences along D, H, W; ``v`` ``[B, C, D, H, W]`` -> ``[B]``."""
+    return _L2Gradient.apply(v, float(w_reg))
