@@ -41,7 +41,9 @@ How q_f is trained (``q_f_objective``):
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ from torch import Tensor
 from learnsim.distributed import average_gradients
 from learnsim.distributions import QF, antithetic_samples
 from learnsim.energies import RegLossL2
-from learnsim.evaluation.metrics import mean_dice
+from learnsim.evaluation.aggregate import FoldingPercent, MeanASD, MeanDSC
 from learnsim.metric import SimilarityMetric
 from learnsim.registration import VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
@@ -140,8 +142,17 @@ class LearnSimModule(pl.LightningModule):
         self.log_period = int(log_period)
         self.no_iters_val = int(no_iters_val) if no_iters_val is not None else self.no_iters_q_v
         self.structures = list(structures) if structures else None
+        # validation metrics pooled over pairs across DDP ranks (learnsim.evaluation.aggregate): the same number on
+        # one process or many; their states are not saved in checkpoints
+        self.val_dsc = MeanDSC(self.structures)
+        self.val_asd = MeanASD(self.structures)
+        self.val_folding = FoldingPercent()
         self._atlas_set = False
         self.seed = int(seed)
+        # training batches done by this rank, across epochs: each stored q_v state is tagged with it, and a resumed
+        # run ignores (rolls back) states written at or after the checkpoint's count (learnsim.state)
+        self.q_v_step = 0
+        self._missing_states: list[str] = []
         # the metric must be rebuildable from the checkpoint alone (learnsim.api.load_metric)
         self.save_hyperparameters({"metric_spec": metric.spec, "dims": list(self.dims)})
 
@@ -206,6 +217,8 @@ class LearnSimModule(pl.LightningModule):
         moving = batch["moving"]
         mask = batch["fixed_mask"][:1]
         indices = [int(i) for i in batch["index"]]
+        # the pair's identity (hash of its file paths) keys its q_v state; the row index only without one
+        keys = list(batch["pair_key"]) if "pair_key" in batch else indices
         b, shape = moving.shape[0], moving.shape[2:]
         if tuple(shape) != self.dims:
             raise ValueError(f"batch grid {tuple(shape)} != model dims {self.dims}")
@@ -214,7 +227,9 @@ class LearnSimModule(pl.LightningModule):
 
         # 1-3: q_v for this batch, warm-started from the state store
         init = self.registration.init_params(b, shape, self.device)
-        params, found = self.state.load(indices, init)
+        params, found = self.state.load(keys, init)
+        if self.current_epoch > 0 or self._resumed:
+            self._missing_states += [str(k) for k, hit in zip(keys, found.tolist(), strict=True) if not hit]
         bar, update, every = self._inner_progress(self.no_iters_q_v)
         gens = [self._generator(0, self.current_epoch, i) for i in indices]
         try:
@@ -228,7 +243,8 @@ class LearnSimModule(pl.LightningModule):
             # q_v's Adam state belongs to this batch only; keep it out of checkpoints
             opt_v.optimizer.state.clear()
             opt_v.optimizer.param_groups[0]["params"] = self._q_v_placeholder
-        self.state.save(indices, fit.params)
+        self.state.save(keys, fit.params, step=self.q_v_step, epoch=self.current_epoch)
+        self.q_v_step += 1
 
         # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
         with torch.no_grad():
@@ -300,20 +316,69 @@ class LearnSimModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.state is not None:
             self.state.flush()
+        if self._missing_states:
+            missing, self._missing_states = sorted(set(self._missing_states)), []
+            warnings.warn(
+                f"learnsim: no stored q_v state for {len(missing)} pair(s) in {self.state.root} during epoch "
+                f"{self.current_epoch} (first: {missing[:3]}); they started from q_v's initialisation",
+                RuntimeWarning, stacklevel=1,
+            )
+
+    def on_train_start(self) -> None:
+        # states written at or after the checkpoint's step count (a run killed before its next checkpoint, an older
+        # run in the same folder, a later epoch than an older epochNNN.ckpt) are ignored: the previous generation
+        # is used, or q_v's initialisation with a warning
+        self._resumed = self.q_v_step > 0
+        if self.state is not None:
+            stale = self.state.set_valid_before(self.q_v_step)
+            if stale:
+                where = "the checkpoint" if self._resumed else "this run, which starts from scratch"
+                warnings.warn(
+                    f"learnsim: {stale} q_v state file(s) in {self.state.root} were written after {where}; "
+                    "they are ignored (rolled back to the state before, where there is one)",
+                    RuntimeWarning, stacklevel=1,
+                )
+
+    _resumed = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the states of this epoch must be on disk before the checkpoint that points at them
+        checkpoint["q_v_step"] = int(self.q_v_step)
         if self.state is not None:
             self.state.flush()
-            checkpoint["q_v_state_dir"] = str(self.state.root.resolve())
+            root = self.state.root.resolve()
+            checkpoint["q_v_state_dir"] = str(root)
+            ckpt_dir = self._ckpt_dir()
+            if ckpt_dir is not None:  # found again after the run folder is moved
+                checkpoint["q_v_state_relpath"] = os.path.relpath(root, ckpt_dir)
         if getattr(self, "run_config", None) is not None:
             checkpoint["learnsim_config"] = self.run_config
 
+    def _ckpt_dir(self) -> Path | None:
+        cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        dirpath = getattr(cb, "dirpath", None)
+        return Path(dirpath).resolve() if dirpath else None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        root = checkpoint.get("q_v_state_dir")
-        if root and Path(root).is_dir() and self.state_dir is None:
-            self.state = QVStateStore(root, self.state_dtype)
+        self.q_v_step = int(checkpoint.get("q_v_step", 0))
         self._atlas_set = True  # q_f.loc comes back with the state dict
+        if self.state_dir is not None:
+            return
+        candidates = []
+        if checkpoint.get("q_v_state_dir"):
+            candidates.append(Path(checkpoint["q_v_state_dir"]))
+        ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if checkpoint.get("q_v_state_relpath") and ckpt_path:
+            candidates.append(Path(ckpt_path).resolve().parent / checkpoint["q_v_state_relpath"])
+        root = next((c for c in candidates if c.is_dir()), None)
+        if root is not None:
+            self.state = QVStateStore(root, self.state_dtype)
+        elif candidates:
+            warnings.warn(
+                f"learnsim: the checkpoint's q_v states are not found (looked in {', '.join(map(str, candidates))}); "
+                "every pair restarts from q_v's initialisation (pass model.state_dir=... to point at them)",
+                RuntimeWarning, stacklevel=1,
+            )
 
     def teardown(self, stage: str) -> None:
         if self.state is not None:
@@ -325,10 +390,16 @@ class LearnSimModule(pl.LightningModule):
         with torch.enable_grad():
             fit = self.registration.fit(fixed, moving, mask, no_iters=self.no_iters_val, training=False)
         disp = self.registration.mean_displacement(fit.params, moving.shape[2:])
-        self.log("val/q_v_loss", fit.loss.mean(), batch_size=moving.shape[0], sync_dist=True)
+        b, index = moving.shape[0], batch.get("index")
+        self.log("val/q_v_loss", fit.loss.mean(), batch_size=b, sync_dist=True)
+        self.val_folding.update(disp, index)
+        self.log("val/folding_pct", self.val_folding, batch_size=b)
         if bool(batch["has_seg"].all()):
             warped_seg = warp_labels(batch["moving_seg"], disp)
-            self.log("val/dsc", mean_dice(warped_seg, batch["fixed_seg"], self.structures), batch_size=moving.shape[0], sync_dist=True)
+            self.val_dsc.update(warped_seg, batch["fixed_seg"], batch["moving_seg"], index)
+            self.val_asd.update(warped_seg, batch["fixed_seg"], batch["affine"], batch["moving_seg"], index)
+            self.log("val/dsc", self.val_dsc, batch_size=b)
+            self.log("val/asd_mm", self.val_asd, batch_size=b)
 
     # ------------------------------------------------------------------------------------------ logging
     def _log_images(self, fixed: Tensor, moving: Tensor, warped: Tensor, qf_sample: Tensor) -> None:

@@ -2,8 +2,11 @@
 
 Outputs (all on the fixed image's grid, with its affine): ``warped.nii.gz``, ``warped_seg.nii.gz`` (with --seg),
 ``disp_mm.nii.gz`` (mean displacement in mm, ``[D, H, W, 3]``), ``uncertainty_mm.nii.gz`` (std of the
-displacement over the samples, mm) and ``registration.json``. Everything is written to a staging folder that
-is renamed to ``--out`` only when complete: a failed run leaves nothing behind.
+displacement over the samples, mm) and ``registration.json``; figures (unless --no-figures): ``output_grid.png``
+(fixed, moving, warped, difference, deformed grid, |u|, uncertainty) and, with --seg, ``label_overlay.png`` (the
+moving segmentation's outlines on the fixed image before and after registration, beside the atlas' own outlines
+from --fixed-seg). Everything is written to a staging folder that is renamed to ``--out`` only when complete: a
+failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -56,6 +59,33 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _write_figures(stage: Path, args: argparse.Namespace, res, histmatch: bool) -> list[str]:
+    """``output_grid.png`` and (with ``--seg``) ``label_overlay.png`` in ``stage``; returns the file names.
+
+    The inputs are brought onto the result's grid (``res.affine``, the fixed grid) by the same preprocessing
+    :func:`learnsim.register` applies, so the panels show exactly what was registered.
+    """
+    from learnsim.data.preprocess import Grid, Volume, match_histogram, preprocess
+    from learnsim.evaluation.figures import label_overlay, output_grid
+
+    grid = Grid(tuple(res.warped.shape[2:]), res.affine)
+    mask_v = Volume.load(args.fixed_mask) if args.fixed_mask else None
+    fixed_seg_v = Volume.load(args.fixed_seg) if args.fixed_seg else None
+    pf = preprocess(Volume.load(args.fixed), grid, mask=mask_v, seg=fixed_seg_v)
+    pm = preprocess(Volume.load(args.moving), grid, seg=Volume.load(args.seg) if args.seg else None, apply_mask=False)
+    moving = match_histogram(pm.image, None, pf.image, pf.mask) if histmatch else pm.image
+    short = lambda path: "/".join(Path(path).resolve().parts[-2:])  # noqa: E731  (folder/file names the subject)
+    name = f"{short(args.moving)} -> {short(args.fixed)}"
+    output_grid(stage / "output_grid.png", pf.image, moving, res.warped, res.disp, res.affine, res.uncertainty_mm,
+                pf.mask, title=name)
+    written = ["output_grid.png"]
+    if res.warped_seg is not None:
+        label_overlay(stage / "label_overlay.png", pf.image, res.warped_seg, res.affine, fixed_seg=pf.seg,
+                      moving_seg=pm.seg, title=f"{name} ({args.metric})")
+        written.append("label_overlay.png")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="learnsim-register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fixed", help="fixed image (the atlas), NIfTI")
@@ -63,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder (must not exist, or --overwrite)")
     ap.add_argument("--seg", help="moving segmentation to warp (nearest)")
     ap.add_argument("--fixed-mask", help="fixed-image mask: energies are summed inside it")
+    ap.add_argument("--fixed-seg", help="the atlas' own segmentation, for its outlines in label_overlay.png")
+    ap.add_argument("--no-figures", action="store_true", help="skip output_grid.png and label_overlay.png")
     ap.add_argument("--metric", default="ssd", help="ssd | lcc | path to a learnsim checkpoint (.ckpt)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("overrides", nargs="*", help=f"key=value, keys: {', '.join(sorted(_OVERRIDABLE))}")
@@ -71,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"learnsim-register: {out} exists (use --overwrite)")
-    for label, path in (("fixed", args.fixed), ("moving", args.moving), ("--seg", args.seg), ("--fixed-mask", args.fixed_mask)):
+    for label, path in (("fixed", args.fixed), ("moving", args.moving), ("--seg", args.seg), ("--fixed-mask", args.fixed_mask),
+                        ("--fixed-seg", args.fixed_seg)):
         if path is not None and not Path(path).is_file():
             raise SystemExit(f"learnsim-register: {label} file {path} does not exist")
 
@@ -99,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             "final_loss": float(res.fit.loss.mean()), "fit_seconds": res.fit.seconds,
             "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
         }
+        if not args.no_figures:
+            info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
         (stage / "registration.json").write_text(json.dumps(info, indent=2, default=str))
         if out.exists():
             shutil.rmtree(out)

@@ -6,6 +6,8 @@ Outputs under ``out_dir`` (all written atomically):
   ``warped_seg.nii.gz`` (moving segmentation, nearest), ``disp_mm.nii.gz`` (mean displacement in mm along the
   affine's world axes, ``[D, H, W, 3]``), ``uncertainty_mm.nii.gz`` (displacement std, see
   :mod:`learnsim.evaluation.uncertainty`), all on the fixed grid with the fixed affine; ``output_grid.png``;
+  ``label_overlay.png`` (with segmentations: the atlas' outlines, the moving segmentation's before registration
+  and the warped one's after, on the fixed image, see :func:`learnsim.evaluation.figures.label_overlay`);
   ``summary.json`` (the dict :meth:`Evaluator.add_pair` returns).
 * ``metrics.csv`` — one row per pair x sample x structure: ``pair, sample, structure, label, dsc, asd_mm, hd95_mm``
   (``sample`` = 0..n-1, the first ``metric_samples`` posterior samples).
@@ -120,7 +122,7 @@ class Evaluator:
         out_dir: run output folder (created).
         structures: label id -> name of the evaluated structures (default :data:`STRUCTURES`).
         save_nifti: write the per-pair NIfTI maps.
-        figures: write the per-pair output grid and the run's box and calibration plots.
+        figures: write the per-pair output grid and label overlay, and the run's box and calibration plots.
         seed: seeds the calibration voxel subsample (combined with a hash of the pair id, so results do not depend
             on the order of pairs).
         metric_samples: DSC / ASD / HD95 are computed for the first ``metric_samples`` samples (spec: 5 for metrics,
@@ -361,6 +363,17 @@ class Evaluator:
                 mask,
                 title=f"{self.run_name}: {pair_id}",
             )
+            if warped_seg_mean is not None:
+                figs.label_overlay(
+                    pair_dir / "label_overlay.png",
+                    fixed,
+                    warped_seg_mean,
+                    affine_np,
+                    fixed_seg=fixed_seg,
+                    moving_seg=moving_seg,
+                    structures=self.structures,
+                    title=f"{self.run_name}: {pair_id} (posterior-mean transformation)",
+                )
         summary["eval_seconds"] = time.perf_counter() - t0
         _write_json(pair_dir / "summary.json", summary)
         self._pairs.append(summary)

@@ -1,4 +1,5 @@
-"""Evaluation figures (PNG): the per-pair output grid, per-structure box plots, calibration curves.
+"""Evaluation figures (PNG): the per-pair output grid, the label-contour overlay, per-structure box plots,
+calibration curves.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so they are
 safe in headless jobs and do not disturb an interactive session that imports learnsim. Every file is written
@@ -29,7 +30,16 @@ from torch import Tensor
 from learnsim.io import atomic_path
 from learnsim.spatial import displacement_to_mm
 
-__all__ = ["PlaneView", "plane_views", "output_grid", "structure_boxplots", "calibration_plot"]
+__all__ = [
+    "PlaneView",
+    "plane_views",
+    "output_grid",
+    "label_overlay",
+    "label_overlay_size",
+    "structure_colours",
+    "structure_boxplots",
+    "calibration_plot",
+]
 
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 # plane -> (letters of its normal axis, letter at the bottom, letter at the right)
@@ -308,6 +318,210 @@ def _draw_grid(ax, view: PlaneView, u_vox: np.ndarray, step: int) -> None:
     ax.set_ylim(n_rows - 0.5, -0.5)
     ax.set_aspect(view.aspect)
     ax.set_facecolor("white")
+
+
+# tab20 without its two greys (a grey contour would vanish on the grey image): dark shades first, then light
+_STRUCTURE_PALETTE = [0, 2, 4, 6, 8, 10, 12, 16, 18, 1, 3, 5, 7, 9, 11, 13, 17, 19]
+
+
+def structure_colours(labels: Sequence[int]) -> dict[int, tuple[float, float, float]]:
+    """One distinct RGB colour (floats in [0, 1]) per label, in the given order (wraps after 18 labels)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return {
+        int(label): tuple(float(c) for c in cmap(_STRUCTURE_PALETTE[k % len(_STRUCTURE_PALETTE)])[:3])
+        for k, label in enumerate(labels)
+    }
+
+
+_OVERLAY_LEGEND_IN = 1.7  # inches to the right of the panels for the structure legend
+_OVERLAY_TITLE_IN = 0.5  # inches above the panels for the figure and column titles
+_OVERLAY_LEFT_IN = 0.25  # inches left of the panels for the row names
+
+
+def label_overlay_size(
+    n_columns: int, panel_size: float = 2.4, legend: bool = True, dpi: int = 110
+) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a :func:`label_overlay` PNG with ``n_columns`` columns: the figure is
+    ``0.25 + panel_size * n_columns (+ 1.7 legend)`` by ``panel_size * 3 + 0.5`` inches, times ``dpi``."""
+    w = _OVERLAY_LEFT_IN + panel_size * n_columns + (_OVERLAY_LEGEND_IN if legend else 0.0)
+    h = panel_size * 3 + _OVERLAY_TITLE_IN
+    return round(w * dpi), round(h * dpi)
+
+
+def _labels_np(x: Tensor | np.ndarray | None, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    if x is None:
+        return None
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    while arr.ndim > 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.shape != shape:
+        raise ValueError(
+            f"label_overlay: {name} must be [D, H, W] or [1, 1, D, H, W] on the fixed grid {shape}; "
+            f"got {np.shape(x)}"
+        )
+    return np.rint(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.int64)
+
+
+def _mean_dsc(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean DSC over the labels present in ``b`` (the reference); NaN when none is."""
+    scores = []
+    for label in labels:
+        ref = b == label
+        n_ref = int(ref.sum())
+        if n_ref:
+            pred = a == label
+            scores.append(2.0 * int((pred & ref).sum()) / (int(pred.sum()) + n_ref))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def label_overlay(
+    path: str | os.PathLike,
+    fixed: Tensor | np.ndarray,
+    warped_seg: Tensor | np.ndarray,
+    affine: Tensor | np.ndarray,
+    fixed_seg: Tensor | np.ndarray | None = None,
+    moving_seg: Tensor | np.ndarray | None = None,
+    structures: Mapping[int, str] | None = None,
+    title: str | None = None,
+    center: Sequence[int] | None = None,
+    reference_outlines: bool = True,
+    crop_mm: float | None = 20.0,
+    legend: bool = True,
+    panel_size: float = 2.4,
+    linewidth: float = 1.3,
+    dpi: int = 110,
+) -> Path:
+    """The label-transfer figure: structure outlines on the fixed image, rows axial / coronal / sagittal.
+
+    Columns: ``atlas labels`` (the fixed segmentation's own outlines; with ``fixed_seg``), ``before`` (the moving
+    segmentation on the fixed grid, i.e. the affine-only start; with ``moving_seg``) and ``after`` (the warped
+    segmentation). Each structure has one colour (:func:`structure_colours`, in the order of ``structures``) in
+    every panel; with ``reference_outlines`` the atlas outlines are repeated as thin white dashed lines in the
+    before / after panels, so the mismatch is seen in place. Column titles give the mean DSC against
+    ``fixed_seg`` over the structures it labels.
+
+    Args:
+        path: PNG to write; its size in pixels is :func:`label_overlay_size` of the number of columns.
+        fixed: ``[D, H, W]`` or ``[1, 1, D, H, W]`` fixed intensities (grey, 0 to the 99.5th percentile).
+        warped_seg: integer label map on the fixed grid, same shape (the moving segmentation warped, nearest).
+        affine: 4x4 voxel -> mm matrix of the fixed grid (orientation and pixel aspect, see :func:`plane_views`).
+        fixed_seg, moving_seg: optional label maps on the fixed grid, same shape.
+        structures: label id -> name of the structures to outline (default
+            :data:`learnsim.evaluation.metrics.STRUCTURES`); other labels are ignored.
+        center: voxel ``(d, h, w)`` the three planes pass through; default the centre of the outlined structures
+            in ``fixed_seg`` (else ``warped_seg``), or the grid centre when none is present.
+        crop_mm: zoom every panel to the box around the outlined structures (all columns) plus this margin in mm;
+            ``None`` shows whole slices.
+        legend: a legend of the structures present, right of the panels.
+        panel_size: inches per panel; linewidth: contour width in points.
+    """
+    from learnsim.evaluation.metrics import STRUCTURES
+
+    f = _np3(fixed, "fixed")
+    shape = f.shape
+    warped = _labels_np(warped_seg, "warped_seg", shape)
+    ref = _labels_np(fixed_seg, "fixed_seg", shape)
+    before = _labels_np(moving_seg, "moving_seg", shape)
+    names = dict(STRUCTURES if structures is None else structures)
+    colours = structure_colours(list(names))
+    labels = list(names)
+
+    if center is None:
+        base = ref if ref is not None else warped
+        inside = np.isin(base, labels)
+        center = (
+            [int(round(c)) for c in np.argwhere(inside).mean(axis=0)] if inside.any() else [n // 2 for n in shape]
+        )
+    aff = np.asarray(affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64)
+    views = plane_views(aff, shape, center)
+
+    columns: list[tuple[str, np.ndarray]] = []
+    if ref is not None:
+        columns.append(("atlas labels", ref))
+    if before is not None:
+        columns.append(("before (affine only)", before))
+    columns.append(("after (registered)", warped))
+    present = [k for k in labels if any((seg == k).any() for _, seg in columns)]
+    vmax = _robust_max(f)
+
+    # display window per view: the structures' box (all columns) grown by crop_mm, in displayed pixel indices
+    windows: list[tuple[float, float, float, float] | None] = [None] * len(views)
+    if crop_mm is not None and present:
+        union = np.zeros(shape, dtype=bool)
+        for _, seg in columns:
+            union |= np.isin(seg, present)
+        lo, hi = np.argwhere(union).min(axis=0), np.argwhere(union).max(axis=0)
+        margin = np.ceil(float(crop_mm) / np.linalg.norm(aff[:3, :3], axis=0)).astype(int)
+        lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, np.asarray(shape) - 1)
+        for i, view in enumerate(views):
+            rows = (lo[view.rows], hi[view.rows])
+            cols = (lo[view.cols], hi[view.cols])
+            if view.flip_rows:
+                rows = (shape[view.rows] - 1 - rows[1], shape[view.rows] - 1 - rows[0])
+            if view.flip_cols:
+                cols = (shape[view.cols] - 1 - cols[1], shape[view.cols] - 1 - cols[0])
+            windows[i] = (cols[0] - 0.5, cols[1] + 0.5, rows[1] + 0.5, rows[0] - 0.5)
+
+    width_px, height_px = label_overlay_size(len(columns), panel_size, legend, dpi)
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi))
+    # panels on a fixed grid (in figure fractions) so the PNG's size never depends on the content
+    left_frac = _OVERLAY_LEFT_IN / (width_px / dpi)
+    right_frac = (_OVERLAY_LEFT_IN + panel_size * len(columns)) / (width_px / dpi)
+    top_frac = 1.0 - _OVERLAY_TITLE_IN / (height_px / dpi)
+    gs = fig.add_gridspec(
+        len(views), len(columns), left=left_frac, right=right_frac - 0.005, bottom=0.005, top=top_frac,
+        wspace=0.03, hspace=0.03,
+    )
+    for c, (name, seg) in enumerate(columns):
+        col_title = name
+        if ref is not None and seg is not ref:
+            col_title += f"\nmean DSC {_mean_dsc(seg, ref, labels):.3f}"
+        for r, view in enumerate(views):
+            ax = fig.add_subplot(gs[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = view.cut(f)
+            ax.imshow(img, cmap="gray", vmin=0.0, vmax=vmax, aspect=view.aspect, interpolation="nearest")
+            cut = view.cut(seg)
+            for label in present:
+                m = cut == label
+                if m.any():
+                    ax.contour(
+                        m.astype(np.float32), levels=[0.5], colors=[colours[label]], linewidths=linewidth,
+                        antialiased=True,
+                    )
+            if reference_outlines and ref is not None and seg is not ref:
+                rcut = view.cut(ref)
+                for label in present:
+                    m = rcut == label
+                    if m.any():
+                        ax.contour(
+                            m.astype(np.float32), levels=[0.5], colors="white", linewidths=0.6,
+                            linestyles="dashed",
+                        )
+            x0, x1, y0, y1 = windows[r] or (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+            ax.set_aspect(view.aspect)
+            if r == 0:
+                ax.set_title(col_title, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{view.name} ({'DHW'[view.normal]}={view.index})", fontsize=8)
+                _edge_letters(ax, view)
+    if legend and present:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colours[k], linewidth=2.0, label=names[k]) for k in present]
+        if reference_outlines and ref is not None and len(columns) > 1:
+            handles.append(Line2D([], [], color="0.6", linewidth=1.0, linestyle="--", label="atlas outline"))
+        fig.legend(
+            handles=handles, loc="center left", bbox_to_anchor=(right_frac, 0.5), fontsize=7, frameon=False,
+        )
+    if title:
+        fig.suptitle(title, fontsize=9, y=0.995)
+    return _save(fig, path, dpi)
 
 
 def _run_colours(n: int) -> list:

@@ -134,6 +134,7 @@ def structure_metrics(
     labels: Sequence[int] | Mapping[int, str],
     spacing: Sequence[float],
     surface: bool = True,
+    hd95: bool = True,
 ) -> dict[int, dict[str, float]]:
     """Per-structure DSC, symmetric ASD (mm) and HD95 (mm).
 
@@ -143,6 +144,7 @@ def structure_metrics(
         labels: label ids to evaluate (a dict's keys are used).
         spacing: voxel spacing in mm along ``(D, H, W)`` (see :func:`spacing_from_affine`).
         surface: compute ASD and HD95 (the costly part); ``False`` leaves them NaN.
+        hd95: with ``surface``, compute HD95 too (``False`` leaves it NaN: ASD only).
     Returns:
         ``{label: {"dsc": ..., "asd_mm": ..., "hd95_mm": ...}}``; NaN for absent structures as documented in the
         module docstring.
@@ -187,11 +189,12 @@ def structure_metrics(
                         ya, yb, include_background=True, symmetric=True, spacing=sp
                     )[0, 0]
                 )
-                row["hd95_mm"] = float(
-                    compute_hausdorff_distance(ya, yb, include_background=True, percentile=95, spacing=sp)[
-                        0, 0
-                    ]
-                )
+                if hd95:
+                    row["hd95_mm"] = float(
+                        compute_hausdorff_distance(
+                            ya, yb, include_background=True, percentile=95, spacing=sp
+                        )[0, 0]
+                    )
     return out
 
 
