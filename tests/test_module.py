@@ -100,7 +100,7 @@ def test_one_training_step_updates_metric_and_q_f_not_atlas(tmp_path):
     assert model.q_f.log_var.max() <= 0 and model.q_f.u.abs().max() <= 1
     # each pair's q_v was written and moved away from its initialisation
     for i in range(2):
-        saved = torch.load(tmp_path / "state" / f"{i:08d}.pt", weights_only=True)
+        saved = torch.load(QVStateStore(tmp_path / "state").path(i, 0), weights_only=True)
         assert saved["loc"].dtype == torch.float16 and saved["loc"].abs().max() > 0
 
 
@@ -123,7 +123,7 @@ def test_q_v_state_round_trip_is_bit_identical(tmp_path):
     # missing pairs keep the initialisation; a mismatched shape is an error naming the file
     part, found = store.load([10, 99], init_q_v(2, (3, 5, 6, 7)))
     assert found.tolist() == [True, False] and torch.equal(part.loc[1], torch.zeros(3, 5, 6, 7))
-    with pytest.raises(ValueError, match="00000010.pt"):
+    with pytest.raises(ValueError, match="row00000010"):
         store.load([10], init_q_v(1, (3, 4, 4, 4)))
     store.close()
 
@@ -164,8 +164,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert torch.allclose(single.q_f.log_var, multi.q_f.log_var, atol=1e-6)
     assert not torch.equal(single.q_f.log_var, init.q_f.log_var)
     for i in range(4):
-        s1 = torch.load(tmp_path / "s1" / f"{i:08d}.pt", weights_only=True)
-        s2 = torch.load(tmp_path / "s2" / f"{i:08d}.pt", weights_only=True)
+        s1 = torch.load(next((tmp_path / "s1").glob(f"row{i:08d}.s*.pt")), weights_only=True)
+        s2 = torch.load(next((tmp_path / "s2").glob(f"row{i:08d}.s*.pt")), weights_only=True)
         assert torch.allclose(s1["loc"].float(), s2["loc"].float(), atol=2e-3)
 
 
@@ -183,7 +183,7 @@ def test_resume_continues_from_next_epoch_with_q_v_state(tmp_path):
     assert ck["epoch"] == 0 and Path(ck["q_v_state_dir"]).is_dir()
     # the per-batch q_v optimiser state is not in the checkpoint
     assert all(len(o["state"]) <= 1 for o in ck["optimizer_states"][2:])
-    state_after_epoch0 = torch.load(Path(ck["q_v_state_dir"]) / "00000000.pt", weights_only=True)["loc"].clone()
+    state_after_epoch0 = torch.load(Path(ck["q_v_state_dir"]) / "row00000000.s0000000000.pt", weights_only=True)["loc"].clone()
 
     # "kill" the run: a brand-new module and trainer resume from the checkpoint
     resumed = make_module()
@@ -201,5 +201,5 @@ def test_resume_continues_from_next_epoch_with_q_v_state(tmp_path):
     trainer2.fit(resumed, datamodule=PhantomDataModule(n=2, batch_size=2), ckpt_path=last)
     assert seen_epochs == [1], "resumed run must start at the next epoch"
     assert warm == [1.0], "q_v must be warm-started from the stored state after resuming"
-    state_after_epoch1 = torch.load(Path(ck["q_v_state_dir"]) / "00000000.pt", weights_only=True)["loc"]
+    state_after_epoch1 = torch.load(Path(ck["q_v_state_dir"]) / "row00000000.s0000000001.pt", weights_only=True)["loc"]
     assert not torch.equal(state_after_epoch0, state_after_epoch1)

@@ -7,6 +7,7 @@ grid are only copied, not interpolated.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, match_histogram, preprocess, target_grid
 from learnsim.data.validate import PairRecord, validate_pairs
 
-__all__ = ["PairDataset", "BATCH_KEYS", "pair_ids"]
+__all__ = ["PairDataset", "BATCH_KEYS", "pair_ids", "pair_key"]
 
 #: Keys of every item (and, collated, of every batch).
 BATCH_KEYS = (
@@ -33,6 +34,7 @@ BATCH_KEYS = (
     "index",
     "pair_id",
     "affine",
+    "pair_key",
 )
 
 
@@ -46,14 +48,27 @@ def _stem(path: Path) -> str:
 
 def pair_ids(records: Sequence[PairRecord]) -> list[str]:
     """A readable id per row: the moving image's folder name (``subjects/<id>/t1.nii.gz``, ``<ID>/T2_...``) when
-    those are unique, else the file stem, else ``<stem>-<row>``."""
+    those are unique, else the file stem; where neither is unique, ``<folder>-<stem>`` for the clashing rows only
+    (the subject's name is kept), with ``-<row>`` appended if that still clashes."""
     for candidate in ([r.moving.parent.name for r in records], [_stem(r.moving) for r in records]):
         if all(candidate) and len(set(candidate)) == len(candidate):
             return candidate
-    counts = Counter(_stem(r.moving) for r in records)
-    return [
-        _stem(r.moving) if counts[_stem(r.moving)] == 1 else f"{_stem(r.moving)}-{r.index}" for r in records
-    ]
+    names = [r.moving.parent.name or _stem(r.moving) for r in records]
+    counts = Counter(names)
+    names = [n if counts[n] == 1 else f"{r.moving.parent.name}-{_stem(r.moving)}".strip("-") for n, r in zip(names, records, strict=True)]
+    counts = Counter(names)
+    return [n if counts[n] == 1 else f"{n}-{r.index}" for n, r in zip(names, records, strict=True)]
+
+
+def pair_key(record: PairRecord, root: str | os.PathLike) -> str:
+    """The identity of a pair for its per-pair state: 16 hex digits of sha256 over the fixed and moving paths.
+
+    Paths are taken relative to ``root`` (the pair list's folder), so moving a cohort folder with its CSV keeps the
+    keys, re-ordering rows keeps them, and a different pair never shares one.
+    """
+    root = os.path.abspath(root)
+    rel = [os.path.relpath(os.path.abspath(p), root) for p in (record.fixed, record.moving)]
+    return hashlib.sha256("\0".join(rel).encode()).hexdigest()[:16]
 
 
 class PairDataset(Dataset):
@@ -78,7 +93,8 @@ class PairDataset(Dataset):
     * ``has_seg``: bool scalar tensor, both label maps given;
     * ``index``: int64 scalar tensor, the row number in the CSV (the stable pair id for per-pair state);
     * ``pair_id``: str (see :func:`pair_ids`);
-    * ``affine``: ``[4, 4]`` float64 voxel -> mm of the working grid.
+    * ``affine``: ``[4, 4]`` float64 voxel -> mm of the working grid;
+    * ``pair_key``: str, the pair's identity for its stored q_v state (:func:`pair_key`).
     """
 
     def __init__(
@@ -96,6 +112,7 @@ class PairDataset(Dataset):
         self.structures = tuple(int(s) for s in structures) if structures is not None else None
         self.records = validate_pairs(self.csv_path, required_labels=self.structures)
         self.pair_ids = pair_ids(self.records)
+        self.pair_keys = [pair_key(r, self.csv_path.parent) for r in self.records]
         self.dims = as_dims(dims)
         atlas = Volume.load(self.records[0].fixed)
         self.grid: Grid = target_grid(atlas.data.shape, atlas.affine, self.dims)
@@ -178,4 +195,5 @@ class PairDataset(Dataset):
             "index": torch.tensor(rec.index, dtype=torch.int64),
             "pair_id": self.pair_ids[i],
             "affine": torch.from_numpy(np.array(self.grid.affine, dtype=np.float64)),
+            "pair_key": self.pair_keys[i],
         }
