@@ -35,7 +35,7 @@ done
 t2=$(date +%s)
 
 echo "== 4/4 compare"
-python scripts/compare_runs.py "$OUT/test_ssd_baseline" "$OUT/test_learnt_ssd" "$OUT/test_lcc_baseline" \
+learnsim-compare "$OUT/test_ssd_baseline" "$OUT/test_learnt_ssd" "$OUT/test_lcc_baseline" \
   --labels SSD learnt_SSD LCC --out "$OUT/compare"
-python scripts/demo_table.py --per-pair "$OUT/test_ssd_baseline" "$OUT/test_lcc_baseline" "$OUT/test_learnt_ssd"
+learnsim-compare --table --per-pair "$OUT/test_ssd_baseline" "$OUT/test_lcc_baseline" "$OUT/test_learnt_ssd"
 echo "demo done: training $((t1 - t0)) s (incl. data), evaluation $((t2 - t1)) s; results in $OUT/"

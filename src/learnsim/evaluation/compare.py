@@ -28,7 +28,18 @@ from learnsim.evaluation import figures as figs
 from learnsim.evaluation.evaluator import METRIC_COLUMNS
 from learnsim.io import atomic_path
 
-__all__ = ["Run", "load_run", "summary_table", "format_summary", "wilcoxon_tests", "holm", "compare_runs"]
+__all__ = [
+    "Run",
+    "load_run",
+    "summary_table",
+    "format_summary",
+    "wilcoxon_tests",
+    "holm",
+    "compare_runs",
+    "results_rows",
+    "per_pair_dsc",
+    "markdown_table",
+]
 
 Pairing = Literal["pair", "sample"]
 _METRICS = ("dsc", "asd_mm", "hd95_mm")
@@ -291,3 +302,84 @@ def compare_runs(
         if calib:
             files["calibration"] = figs.calibration_plot(calib, out / "calibration.png")
     return {"runs": runs, "summary": table, "wilcoxon": tests, "files": files}
+
+
+# ---------------------------------------------------------------------------------------------- the README's tables
+def _run_label(path: Path) -> str:
+    return path.name.removeprefix("test_")
+
+
+def _result_row(name: str, m: pd.DataFrame, mean: pd.DataFrame | None, pp: pd.DataFrame | None) -> dict[str, str]:
+    def cell(v: float, fmt: str) -> str:
+        return f"{v:{fmt}}" if np.isfinite(v) else "n/a"
+
+    per_pair = m.groupby("pair")["dsc"].mean()
+    return {
+        "run": name,
+        "DSC (samples)": f"{cell(_mean(m['dsc']), '.3f')} ± {cell(_std(per_pair), '.3f')}",
+        "DSC (mean transf.)": cell(_mean(mean["dsc"]), ".3f") if mean is not None else "n/a",
+        "ASD mm": cell(_mean(m["asd_mm"]), ".2f"),
+        "HD95 mm": cell(_mean(m["hd95_mm"]), ".2f"),
+        "folding voxels": str(int(pp["folding_voxels"].sum())) if pp is not None else "0",
+        "SDlogJ": cell(_mean(pp["sdlogj"]), ".3f") if pp is not None else "0",
+        "uncertainty mm": cell(_mean(pp["uncertainty_mean_mm"]), ".2f")
+        if pp is not None and "uncertainty_mean_mm" in pp
+        else "n/a",
+        "s / pair": cell(_mean(pp["seconds"]), ".1f") if pp is not None else "0",
+    }
+
+
+def results_rows(paths: Sequence[str | os.PathLike]) -> list[dict[str, str]]:
+    """The README's results table, one dict of formatted cells per row: first "before registration (affine
+    only)" from the first run's ``metrics_before.csv`` (when present), then one row per run folder (name without
+    a ``test_`` prefix): mean DSC over pairs x samples x structures ± the std of the per-pair means, the
+    posterior-mean DSC, ASD and HD95 (mm), total folding voxels, SDlogJ, uncertainty (mm) and seconds per pair."""
+    runs = [Path(p) for p in paths]
+    if not runs:
+        raise ValueError("results_rows: no run folder given")
+    for run in runs:
+        for f in ("metrics.csv", "per_pair.csv"):
+            if not (run / f).is_file():
+                raise FileNotFoundError(f"results_rows: {run} has no {f} (is it an evaluated run folder?)")
+    rows = []
+    before = runs[0] / "metrics_before.csv"
+    if before.is_file():
+        b = pd.read_csv(before, dtype={"pair": str})
+        rows.append(_result_row("before registration (affine only)", b, b, None))
+    for run in runs:
+        mean = run / "metrics_mean.csv"
+        rows.append(
+            _result_row(
+                _run_label(run),
+                pd.read_csv(run / "metrics.csv", dtype={"pair": str}),
+                pd.read_csv(mean, dtype={"pair": str}) if mean.is_file() else None,
+                pd.read_csv(run / "per_pair.csv", dtype={"pair": str}),
+            )
+        )
+    return rows
+
+
+def per_pair_dsc(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Mean DSC per pair (index) over structures: ``before`` (first run's ``metrics_before.csv``), then per run
+    ``<name> mean`` (posterior-mean transformation) and ``<name> samples``; rounded to 3 decimals."""
+    runs = [Path(p) for p in paths]
+    cols: dict[str, pd.Series] = {}
+    first = runs[0] / "metrics_before.csv"
+    if first.is_file():
+        cols["before"] = pd.read_csv(first, dtype={"pair": str}).groupby("pair")["dsc"].mean()
+    for run in runs:
+        name = _run_label(run)
+        if (run / "metrics_mean.csv").is_file():
+            cols[f"{name} mean"] = pd.read_csv(run / "metrics_mean.csv", dtype={"pair": str}).groupby("pair")["dsc"].mean()
+        cols[f"{name} samples"] = pd.read_csv(run / "metrics.csv", dtype={"pair": str}).groupby("pair")["dsc"].mean()
+    return pd.DataFrame(cols).round(3)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub markdown table of ``rows`` (columns: the first row's keys)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
