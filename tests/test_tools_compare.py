@@ -8,7 +8,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -87,16 +86,16 @@ def test_pip_install_ships_learnsim_compare(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    prefix = tmp_path / "prefix"
+    # --target, not --prefix: pip install --prefix also uninstalls the environment's own learnsim
+    target = tmp_path / "target"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile",
-                    "-q", "--prefix", str(prefix), str(src)], check=True, capture_output=True)
-    exe = prefix / "bin" / "learnsim-compare"
+                    "-q", "--target", str(target), str(src)], check=True, capture_output=True)
+    exe = target / "bin" / "learnsim-compare"
     assert exe.is_file()
-    site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
-    env = {**os.environ, "PYTHONPATH": site}
+    env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([str(exe), "--help"], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "learnsim-compare RUN_A RUN_B" in out.stdout and "--table" in out.stdout
     # it runs from the installed copy, not from this checkout
     where = subprocess.run([sys.executable, "-c", "import learnsim.cli.compare as m; print(m.__file__)"], env=env,
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-    assert where.startswith(str(prefix))
+    assert where.startswith(str(target))
