@@ -136,11 +136,12 @@ def test_grids_disagree(good: Path, tmp_path: Path):
 def test_label_map_empty_and_missing_structures(good: Path, tmp_path: Path):
     _img(tmp_path / "empty_seg.nii.gz", np.zeros(SHAPE, np.int16))
     _seg(tmp_path / "partial_seg.nii.gz", ids=(10,))
+    _img(tmp_path / "s2.nii.gz")  # a second subject: the same pair twice is refused (test_reliability_inputs)
     p = _write(
         tmp_path,
         [
             "atlas.nii.gz,s1.nii.gz,,,atlas_seg.nii.gz,empty_seg.nii.gz",
-            "atlas.nii.gz,s1.nii.gz,,,atlas_seg.nii.gz,partial_seg.nii.gz",
+            "atlas.nii.gz,s2.nii.gz,,,atlas_seg.nii.gz,partial_seg.nii.gz",
         ],
     )
     probs = _problems(p, required_labels=[10, 49])

@@ -20,7 +20,7 @@ from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
 from learnsim.transformation import SVF, SVFFD
 
-__all__ = ["load_metric", "register", "RegistrationOutput", "DEFAULTS", "resolve_device"]
+__all__ = ["load_metric", "load_checkpoint", "checkpoint_settings", "register", "RegistrationOutput", "DEFAULTS", "resolve_device"]
 
 # The original code's per-metric settings (SPEC section 3-4)
 DEFAULTS: dict[str, dict[str, float]] = {
@@ -35,17 +35,57 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def load_checkpoint(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a learnsim checkpoint safely: ``torch.load(weights_only=True)`` (no code from the file is run).
+
+    Raises:
+        FileNotFoundError: naming the checkpoint if it does not exist.
+        ValueError: naming the checkpoint if it is not a torch checkpoint holding only tensors and plain Python
+            values (a text file, a foreign pickle, a truncated file), or has no ``state_dict``.
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...: the user needs the file name
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: not a learnsim checkpoint (cannot be read as a torch checkpoint of tensors and plain values: {first})"
+        ) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ValueError(f"{path}: not a learnsim checkpoint (no state_dict)")
+    return state
+
+
+def checkpoint_settings(state: dict) -> dict[str, Any]:
+    """The registration settings a checkpoint's training run used, as :func:`register` keywords.
+
+    ``histmatch`` (from ``data.intensity``) and ``no_steps`` (from ``transformation.no_steps``), where the
+    checkpoint's stored run config says; an empty dict for checkpoints without one.
+    """
+    cfg = state.get("learnsim_config") or {}
+    out: dict[str, Any] = {}
+    intensity = (cfg.get("data") or {}).get("intensity")
+    if intensity in ("minmax", "histmatch"):
+        out["histmatch"] = intensity == "histmatch"
+    no_steps = (cfg.get("transformation") or {}).get("no_steps")
+    if isinstance(no_steps, int):
+        out["no_steps"] = no_steps
+    return out
+
+
 def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> SimilarityMetric:
     """Rebuild the learnt metric of a learnsim training checkpoint (no Hydra needed).
+
+    The file is read with ``weights_only=True`` (:func:`load_checkpoint`).
 
     Raises:
         FileNotFoundError: naming the checkpoint if it does not exist.
         ValueError: naming the checkpoint if it holds no learnsim metric.
     """
     path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = load_checkpoint(path, map_location)
     spec = (state.get("hyper_parameters") or {}).get("metric_spec")
     if spec is None:
         raise ValueError(f"{path}: not a learnsim checkpoint (no hyper_parameters.metric_spec)")
@@ -57,6 +97,44 @@ def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu
     if unexpected or [m for m in missing if not m.endswith("window")]:
         raise ValueError(f"{path}: metric weights do not match its spec (missing {missing}, unexpected {unexpected})")
     return metric.eval()
+
+
+def _check_not_constant(x: np.ndarray | Tensor, name: str, mask: np.ndarray | Tensor | None = None) -> None:
+    """Refuse an image with no contrast (all zero, or constant inside ``mask``): nothing to register."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
+    if mask is not None:
+        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask).reshape(x.shape) > 0
+        if not bool(m.any()):
+            raise ValueError(f"{name}: the fixed mask is empty (all zero); energies would be summed over nothing")
+        x = x[m]
+    if x.numel() == 0 or bool((x == x.reshape(-1)[0]).all()):
+        value = float(x.reshape(-1)[0]) if x.numel() else 0.0
+        what = "all zero" if value == 0 else f"constant ({value:g})"
+        where = " inside the fixed mask" if mask is not None else ""
+        raise ValueError(f"{name}: image is {what}{where}: nothing to register")
+
+
+def _check_settings(**kw: Any) -> None:
+    """Refuse out-of-range settings, naming the key (``no_iters=-5`` would silently run zero iterations)."""
+    rules = {
+        "no_iters": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
+        "no_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        "cps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "rank": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "no_samples": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        "sobolev_s": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        "lr": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0), "a number > 0"),
+        "w_reg": (lambda v: v is None or (isinstance(v, (int, float)) and v >= 0), "a number >= 0"),
+        "sigma_init": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        "sobolev_lambda": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+        "histmatch": (lambda v: isinstance(v, bool), "true or false"),
+        "sobolev": (lambda v: isinstance(v, bool), "true or false"),
+        "transformation": (lambda v: v in ("svf", "svffd"), "'svf' or 'svffd'"),
+    }
+    for key, value in kw.items():
+        ok, expected = rules[key]
+        if isinstance(value, bool) and expected.startswith(("an integer", "a number")) or not ok(value):
+            raise ValueError(f"{key} must be {expected}; got {value!r}")
 
 
 @dataclass
@@ -161,6 +239,11 @@ def register(
         histmatch: match the moving image's histogram (inside its non-zero voxels) to the fixed image's (inside
             ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`).
     """
+    _check_settings(no_iters=no_iters, no_steps=no_steps, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
+                    lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
+                    sobolev=sobolev, transformation=transformation)
+    if dims is not None and not all(int(d) >= 1 for d in ((dims,) if isinstance(dims, int) else dims)):
+        raise ValueError(f"dims must be positive; got {dims!r}")
     dev = resolve_device(device)
     notes: list[str] = []
     if isinstance(metric, str) and metric.endswith(".ckpt"):
@@ -189,6 +272,9 @@ def register(
         if fixed_mask is not None:
             mask_t = _check_tensor(torch.as_tensor(fixed_mask).float(), "fixed_mask")
         grid_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        _check_not_constant(moving_t, "moving")
+        _check_not_constant(fixed_t, "fixed", mask_t)
+        back_to_fixed = None
     else:
         from learnsim.data.preprocess import Grid, canonical_grid, preprocess, target_grid
 
@@ -203,7 +289,14 @@ def register(
         if seg_v is not None and not np.any(seg_v.data):
             raise ValueError(f"{moving_seg}: moving_seg label map is empty (all background)")
         mask_v = _as_volume(fixed_mask, "fixed_mask") if fixed_mask is not None else None
+        _check_not_constant(fixed_v.data, str(fixed))
+        _check_not_constant(moving_v.data, str(moving))
+        if mask_v is not None and not np.any(mask_v.data > 0):
+            raise ValueError(f"{fixed_mask}: the fixed mask is empty (all zero); energies would be summed over nothing")
         grid: Grid = target_grid(fixed_v.data.shape, fixed_v.affine, dims) if dims else canonical_grid(fixed_v.data.shape, fixed_v.affine)
+        # without dims the outputs go back to the fixed image's own voxel order (an LPS or permuted atlas keeps its
+        # affine); the registration itself runs on the RAS grid, as in training
+        back_to_fixed = None if dims else Grid(tuple(fixed_v.data.shape), fixed_v.affine)
         pf = preprocess(fixed_v, grid, mask=mask_v)
         pm = preprocess(moving_v, grid, seg=seg_v, apply_mask=False)
         notes += pf.notes + pm.notes
@@ -213,6 +306,7 @@ def register(
             seg_t = torch.from_numpy(pm.seg.astype(np.int64))[None, None]
         if pf.mask is not None:
             mask_t = torch.from_numpy(pf.mask.astype(np.float32))[None, None]
+        _check_not_constant(fixed_t, f"{fixed} (on the working grid)", mask_t)
         grid_affine = grid.affine
 
     if histmatch:
@@ -225,8 +319,6 @@ def register(
 
     torch.manual_seed(seed)
     tr = SVFFD(no_steps, cps) if transformation == "svffd" else SVF(no_steps)
-    if transformation not in ("svf", "svffd"):
-        raise ValueError(f"transformation must be 'svf' or 'svffd'; got {transformation!r}")
     reg = VariationalRegistration(
         metric.to(dev),
         tr,
@@ -251,7 +343,45 @@ def register(
         warped_seg = warp_labels(seg_t.to(dev), disp) if seg_t is not None else None
         disp_mm = displacement_to_mm(disp, aff_t)
         unc = displacement_std_mm(samples, aff_t) if samples.shape[0] >= 2 else None
-    return RegistrationOutput(
+    out = RegistrationOutput(
         warped.cpu(), None if warped_seg is None else warped_seg.cpu(), disp.cpu(), disp_mm.cpu(), samples.cpu(),
         None if unc is None else unc.cpu(), grid_affine, fit, notes,
+    )
+    if back_to_fixed is not None and not np.allclose(back_to_fixed.affine, grid_affine, atol=1e-6):
+        out = _reorient(out, back_to_fixed)
+    return out
+
+
+def _reorient(out: RegistrationOutput, target) -> RegistrationOutput:
+    """Bring every output of ``out`` (on a grid that is a permutation/flip of ``target``'s voxels) onto ``target``.
+
+    Exact (no interpolation): voxel ``i`` of ``target`` is voxel ``j = P i + t`` of the working grid, with ``P`` a
+    signed permutation. Scalar maps are gathered; voxel displacements (``disp``, ``samples``) also have their
+    components mapped by ``P^-1``; mm displacements are in world axes and only gathered.
+    """
+    src = np.asarray(out.affine, dtype=np.float64)
+    m = np.linalg.solve(src, np.asarray(target.affine, dtype=np.float64))  # target voxel -> working-grid voxel
+    p = np.rint(m[:3, :3]).astype(np.int64)
+    t = np.rint(m[:3, 3]).astype(np.int64)
+    if not (np.allclose(m[:3, :3], p, atol=1e-4) and np.allclose(m[:3, 3], t, atol=1e-4)):
+        raise AssertionError("learnsim: the working grid is not a reorientation of the fixed image's grid")
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in target.shape], indexing="ij")).reshape(3, -1)
+    j = torch.from_numpy(p @ idx + t[:, None])
+    src_shape = out.warped.shape[-3:]
+    flat = (j[0] * src_shape[1] + j[1]) * src_shape[2] + j[2]
+    to_target = torch.from_numpy(np.linalg.inv(p)).to(torch.float32)  # working-grid voxel vector -> target's
+
+    def gather(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        return x.reshape(*x.shape[:-3], -1)[..., flat].reshape(*x.shape[:-3], *target.shape)
+
+    def vectors(x: Tensor) -> Tensor:  # [..., 3, D, H, W] voxel displacements
+        g = gather(x)
+        return torch.einsum("ij,...jdhw->...idhw", to_target.to(g.dtype), g)
+
+    return RegistrationOutput(
+        gather(out.warped), gather(out.warped_seg), vectors(out.disp), gather(out.disp_mm), vectors(out.samples),
+        gather(out.uncertainty_mm), np.asarray(target.affine, dtype=np.float64), out.fit,
+        [*out.notes, "outputs put back into the fixed image's voxel order and affine"],
     )

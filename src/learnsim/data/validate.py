@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from learnsim.data.preprocess import Grid
-from learnsim.io import load_nifti
+from learnsim.io import load_nifti, sha256_file
 
 __all__ = [
     "DataValidationError",
@@ -95,6 +95,9 @@ def _summarise(path: Path, kind: str, check_data: bool) -> _Summary:
             problems.append("label map is empty (all background)")
     if kind == "mask" and not problems and not np.any(data > 0):
         problems.append("mask is empty (all zero)")
+    if kind == "image" and not problems and data.size and np.all(data == data.flat[0]):
+        what = "all zero" if data.flat[0] == 0 else f"constant ({data.flat[0]})"
+        problems.append(f"image is {what}: nothing to register")
     return _Summary(grid=grid, error="; ".join(problems) or None, labels=labels)
 
 
@@ -135,13 +138,16 @@ def validate_pairs(
     csv_path: str | os.PathLike,
     required_labels: Iterable[int] | None = None,
     check_data: bool = True,
+    single_fixed: bool = True,
 ) -> list[PairRecord]:
     """Check a pair list and every file it names; return one :class:`PairRecord` per row.
 
     Checks: header and required columns; every non-empty cell names an existing, readable NIfTI; volumes are 3D
     and finite (NaN/inf); image, mask and segmentation of the fixed side (and of the moving side) share one grid
-    (shape and affine); masks are non-empty; label maps are non-empty and contain every id of ``required_labels``.
-    ``check_data=False`` reads headers only (shape/affine/3D) and skips the voxel checks.
+    (shape and affine); masks are non-empty; images are not constant (all zero); label maps are non-empty and
+    contain every id of ``required_labels``; no row repeats another's (fixed, moving) pair; with ``single_fixed``
+    (the default: learnsim registers every pair to one atlas) every row names the same fixed image (the same file,
+    or a byte-identical copy). ``check_data=False`` reads headers only (shape/affine/3D) and skips the voxel checks.
 
     Raises:
         DataValidationError: listing ALL problems, each naming the row (0-based, plus the file line), the column
@@ -155,6 +161,9 @@ def validate_pairs(
     root = csv_path.parent
     cache: dict[tuple[Path, str], _Summary] = {}
     records = []
+    seen_pairs: dict[tuple[Path, Path], int] = {}
+    atlas: tuple[Path, str] | None = None  # (first row's fixed image, its cell text)
+    same_as_atlas: dict[Path, bool] = {}
     for i, row in enumerate(rows):
         where = f"row {i} (line {i + 2})"
         paths: dict[str, Path | None] = {}
@@ -197,6 +206,24 @@ def validate_pairs(
                         f"with column '{side}' file {row[side]}: {ref_s.grid!r} (affine {_fmt(ref_s.grid.affine)})"
                     )
         if paths["fixed"] is not None and paths["moving"] is not None:
+            ident = (paths["fixed"].resolve(), paths["moving"].resolve())
+            if ident in seen_pairs:
+                j = seen_pairs[ident]
+                problems.append(
+                    f"{where}, columns 'fixed'/'moving', files {row['fixed']} / {row['moving']}: duplicates row {j} "
+                    f"(line {j + 2}); each pair may appear once"
+                )
+            seen_pairs.setdefault(ident, i)
+            if atlas is None:
+                atlas = (ident[0], row["fixed"])
+            elif single_fixed and ident[0] != atlas[0]:
+                if ident[0] not in same_as_atlas:
+                    same_as_atlas[ident[0]] = _same_file(ident[0], atlas[0])
+                if not same_as_atlas[ident[0]]:
+                    problems.append(
+                        f"{where}, column 'fixed', file {row['fixed']}: differs from row 0's fixed image {atlas[1]}; "
+                        "every pair of a list is registered to one fixed image (the atlas)"
+                    )
             records.append(
                 PairRecord(
                     i,
@@ -211,6 +238,14 @@ def validate_pairs(
     if problems:
         raise DataValidationError(csv_path, problems)
     return records
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing files hold the same bytes (False if either cannot be read)."""
+    try:
+        return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+    except OSError:
+        return False
 
 
 def _fmt(affine: np.ndarray) -> str:
