@@ -8,7 +8,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
@@ -80,6 +79,7 @@ def test_scripts_wrap_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_pip_install_ships_learnsim_compare(tmp_path: Path) -> None:
     """``pip install .`` (of a copy of the source, no dependencies) installs a working learnsim-compare."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["learnsim-compare"] == "learnsim.cli.compare:main"
     src = tmp_path / "src_copy"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from omegaconf import DictConfig
 
 from learnsim.api import load_metric, resolve_device
 from learnsim.cli.config import config_dir, to_container
+from learnsim.cli.help import render_help, wants_help
+from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.evaluation.evaluator import Evaluator
 from learnsim.registration import VariationalRegistration
 
@@ -50,14 +52,13 @@ def _compare_with_training(cfg: DictConfig, train_cfg: dict | None) -> list[str]
 
 
 def _log_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict) -> None:
-    if not cfg.get("logger") or "_target_" not in cfg.logger or "Wandb" not in cfg.logger._target_:
+    if not is_wandb(cfg.get("logger")):
         return
     try:
         import wandb
     except ImportError:
         return
-    mode = "offline" if cfg.logger.get("offline", True) else "online"
-    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = prepare_wandb(cfg.logger)
     run = wandb.init(project=cfg.logger.get("project", "learnsim"), name=str(cfg.name), dir=str(out_dir), mode=mode,
                      config=to_container(cfg), job_type="test")
     try:
@@ -170,7 +171,42 @@ def _main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+HELP_KEYS = [
+    ("ckpt", "a learnsim (or VoxelMorph) checkpoint: its learnt metric is evaluated"),
+    ("metric", "without ckpt: the baseline to evaluate, ssd or lcc"),
+    ("paths.data_dir", "folder with test.csv (and val.csv for split=val)"),
+    ("data.dims", "grid the volumes are resampled to, [D,H,W]; match the training run"),
+    ("q_v.no_iters", "q_v iterations per test pair (paper: 1024)"),
+    ("no_samples", "posterior samples per pair for DSC / ASD / HD95"),
+    ("no_samples_uncertainty", "posterior samples per pair for the uncertainty map"),
+    ("split", "test or val"),
+    ("max_pairs", "evaluate only the first N pairs"),
+    ("device", "auto, cpu or cuda"),
+    ("name", "run name: the folder runs/test/<name>/<time> and the legend of plots"),
+]
+
+
+def help_text() -> str:
+    """The ``learnsim-test --help`` page."""
+    return render_help(
+        "learnsim-test",
+        "learnsim-test: register the held-out pairs with a learnt metric (ckpt=...) or a baseline (metric=ssd|lcc)\n"
+        "and write metrics.csv, per_pair.csv, summary.json, NIfTI maps and figures (per pair: output_grid.png,\n"
+        "label_overlay.png) to runs/test/<name>/<time>/. Compare runs with learnsim-compare.",
+        [
+            "learnsim-test [+experiment=NAME] (ckpt=PATH | metric=ssd|lcc) [GROUP=OPTION ...] [KEY=VALUE ...]",
+            "learnsim-test +experiment=demo ckpt=runs/train/.../checkpoints/last.ckpt name=learnt_ssd",
+            "learnsim-test +experiment=ssd paths.data_dir=ukbb_128 metric=ssd name=SSD_baseline",
+        ],
+        "test",
+        HELP_KEYS,
+    )
+
+
 def main() -> None:
+    if wants_help(sys.argv[1:]):
+        print(help_text(), end="")
+        return
     _main()
 
 

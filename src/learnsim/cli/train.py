@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import sys
 
 import hydra
 import lightning.pytorch as pl
@@ -11,6 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from learnsim.cli.config import config_dir, to_container
+from learnsim.cli.help import render_help, wants_help
+from learnsim.cli.logger import is_wandb, prepare_wandb
 
 log = logging.getLogger("learnsim.train")
 
@@ -18,10 +20,8 @@ log = logging.getLogger("learnsim.train")
 def build_logger(cfg: DictConfig):
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return False
-    if "WandbLogger" in cfg.logger._target_:
-        os.environ.setdefault("WANDB_SILENT", "true")
-        if cfg.logger.get("offline", True):
-            os.environ.setdefault("WANDB_MODE", "offline")
+    if is_wandb(cfg.logger):
+        prepare_wandb(cfg.logger)
     return instantiate(cfg.logger)
 
 
@@ -49,7 +49,40 @@ def _main(cfg: DictConfig) -> None:
     train(cfg)
 
 
+HELP_KEYS = [
+    ("paths.data_dir", "folder with train.csv / val.csv / test.csv (learnsim-data writes one)"),
+    ("data.dims", "grid the volumes are resampled to, [D,H,W] (paper: [128,128,128])"),
+    ("trainer.max_epochs", "epochs (paper: 50)"),
+    ("q_v.no_iters", "q_v iterations per pair and training step (paper: 1024)"),
+    ("no_iters_val", "q_v iterations for a validation pair"),
+    ("metric", "the metric to learn: cnn_ssd / cnn_lcc (ssd / lcc: baselines, q_v only)"),
+    ("ckpt_path", "resume from a checkpoint (runs/train/<name>/<time>/checkpoints/last.ckpt)"),
+    ("trainer", "cpu, gpu, or ddp with trainer.devices=N"),
+    ("logger", "wandb (offline), wandb_online, csv, none"),
+    ("name", "run name: the folder runs/train/<name>/<time>"),
+]
+
+
+def help_text() -> str:
+    """The ``learnsim-train --help`` page."""
+    return render_help(
+        "learnsim-train",
+        "learnsim-train: learn a similarity metric jointly with each pair's q_v (Grzech et al., CVPR 2022), or fit\n"
+        "q_v with a baseline metric. Checkpoints and logs go to runs/train/<name>/<time>/.",
+        [
+            "learnsim-train +experiment=NAME [GROUP=OPTION ...] [KEY=VALUE ...]",
+            "learnsim-train +experiment=demo paths.data_dir=demo_data            # the CPU demo",
+            "learnsim-train +experiment=ssd paths.data_dir=ukbb_128 trainer=gpu   # the paper's settings",
+        ],
+        "train",
+        HELP_KEYS,
+    )
+
+
 def main() -> None:
+    if wants_help(sys.argv[1:]):
+        print(help_text(), end="")
+        return
     _main()
 
 
