@@ -131,6 +131,8 @@ class LearnSimModule(pl.LightningModule):
             raise ValueError(f"q_f.objective must be 'original' or 'bound'; got {self.q_f_objective!r}")
         self.q_f = QF(torch.zeros(1, 1, *self.dims), **q_f)
         self.no_iters_q_v = int(q_v.pop("no_iters", 1024))
+        if self.no_iters_q_v < 1:
+            raise ValueError(f"q_v.no_iters must be an integer >= 1; got {self.no_iters_q_v}")
         self.registration = VariationalRegistration(
             metric, transformation, reg_loss, sobolev, no_iters=self.no_iters_q_v, uniform_noise=uniform_noise,
             amp=amp, **q_v,

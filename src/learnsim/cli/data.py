@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # every file is written atomically (learnsim.io.atomic_path): nothing half-written stays behind
+        print("learnsim-data: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from learnsim.data.demo import DemoConfig, build_demo

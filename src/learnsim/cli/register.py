@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from learnsim.api import register
+from learnsim.api import checkpoint_settings, load_checkpoint, register
 from learnsim.io import save_nifti
 
 # overrides accepted as key=value (the keyword arguments of learnsim.register)
@@ -31,6 +31,29 @@ _OVERRIDABLE = {
     for name, p in inspect.signature(register).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("moving_seg", "fixed_mask", "affine", "progress")
 }
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+#: the file that marks a folder as a learnsim-register output: only such a folder is ever replaced (--overwrite)
+MARKER = ".learnsim-output"
+
+
+def _check_overwrite(out: Path) -> None:
+    """Refuse to replace anything but a previous learnsim-register output (a folder holding :data:`MARKER`).
+
+    ``/``, the home folder, the working directory and its parents are refused whatever they hold.
+    """
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == Path(target.anchor) or target == Path.home().resolve() or target == cwd or target in cwd.parents:
+        raise SystemExit(f"learnsim-register: --out {out} is {target}, the root, home or working folder or a parent of it; "
+                         "refusing to replace it (choose a new folder)")
+    if not target.is_dir():
+        raise SystemExit(f"learnsim-register: --out {out} exists and is not a folder; refusing to replace it")
+    if not (target / MARKER).is_file():
+        raise SystemExit(f"learnsim-register: --out {out} exists but is not a learnsim-register output (no {MARKER} "
+                         "file); refusing to replace it with --overwrite")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -47,7 +70,9 @@ def _parse_overrides(items: list[str]) -> dict:
                 parts = [int(v) for v in value.strip("[]()").split(",")]
                 out[key] = parts[0] if len(parts) == 1 else tuple(parts)
             elif isinstance(default, bool):
-                out[key] = value.lower() in ("1", "true", "yes", "on")
+                if value.lower() not in _TRUE + _FALSE:
+                    raise ValueError("expected true or false")
+                out[key] = value.lower() in _TRUE
             elif isinstance(default, int) or key == "no_iters":
                 out[key] = int(value)
             elif isinstance(default, float) or key in ("lr", "w_reg", "data_weight"):
@@ -87,6 +112,15 @@ def _write_figures(stage: Path, args: argparse.Namespace, res, histmatch: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # the staging folder is removed on the way out (see _main); nothing half-written stays behind
+        print("learnsim-register: interrupted; nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="learnsim-register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fixed", help="fixed image (the atlas), NIfTI")
     ap.add_argument("moving", help="moving image, NIfTI (resampled into the fixed grid through its affine if needed)")
@@ -103,10 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"learnsim-register: {out} exists (use --overwrite)")
+    if out.exists() or out.is_symlink():
+        _check_overwrite(out)
     for label, path in (("fixed", args.fixed), ("moving", args.moving), ("--seg", args.seg), ("--fixed-mask", args.fixed_mask),
                         ("--fixed-seg", args.fixed_seg)):
         if path is not None and not Path(path).is_file():
             raise SystemExit(f"learnsim-register: {label} file {path} does not exist")
+
+    if str(args.metric).endswith(".ckpt"):
+        # the checkpoint's own intensity handling and number of squarings, unless given here
+        try:
+            ckpt = load_checkpoint(args.metric)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"learnsim-register: --metric {exc}") from exc
+        for key, value in checkpoint_settings(ckpt).items():
+            if key not in kwargs:
+                kwargs[key] = value
+                print(f"learnsim-register: {key}={value} from the checkpoint's training run")
+        del ckpt
 
     start = time.perf_counter()
     try:
@@ -135,9 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_figures:
             info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
         (stage / "registration.json").write_text(json.dumps(info, indent=2, default=str))
+        (stage / MARKER).write_text("written by learnsim-register; --overwrite may replace this folder\n")
         if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+            _check_overwrite(out)  # checked again: the folder may have changed during the fit
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            stage.rename(out)
+            shutil.rmtree(old)
+        else:
+            stage.rename(out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
