@@ -19,10 +19,10 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from learnsim.api import load_metric, resolve_device
-from learnsim.cli.config import config_dir, to_container
+from learnsim.api import load_checkpoint, load_metric, resolve_device
+from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import render_help, wants_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.evaluation.evaluator import Evaluator
@@ -77,8 +77,22 @@ def _log_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict) -> None:
         run.finish()
 
 
+def _check_settings(cfg: DictConfig) -> None:
+    """Refuse out-of-range or mistyped settings, naming the key (``save_nifti=ture`` is not true)."""
+    for key in ("save_nifti", "figures", "amp"):
+        if not isinstance(cfg.get(key), bool):
+            raise ValueError(f"{key} must be true or false; got {cfg.get(key)!r}")
+    for key, low in (("q_v.no_iters", 1), ("no_samples", 1), ("no_samples_uncertainty", 0)):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}; got {value!r}")
+    if cfg.get("max_pairs") is not None and (not isinstance(cfg.max_pairs, int) or cfg.max_pairs < 1):
+        raise ValueError(f"max_pairs must be null or an integer >= 1; got {cfg.max_pairs!r}")
+
+
 def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Run the evaluation described by a composed test config; returns the summary dict."""
+    _check_settings(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
@@ -89,11 +103,11 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         ckpt_path = Path(cfg.ckpt)
         if not ckpt_path.is_file():
             raise SystemExit(f"learnsim-test: checkpoint {ckpt_path} does not exist")
-        raw = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        raw = load_checkpoint(ckpt_path)  # weights_only=True: no code from the file runs
         if _is_voxelmorph(raw):
             from learnsim.voxelmorph import VoxelMorphModule
 
-            vxm = VoxelMorphModule.load_from_checkpoint(ckpt_path, map_location=device).eval()
+            vxm = VoxelMorphModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).eval()
             metric = vxm.metric
         else:
             metric = load_metric(ckpt_path)
@@ -168,7 +182,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="test")
 def _main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_guarded("learnsim-test", evaluate, cfg)
 
 
 HELP_KEYS = [

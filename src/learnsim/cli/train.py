@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from learnsim.cli.config import config_dir, to_container
+from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import render_help, wants_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 
@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _main(cfg: DictConfig) -> None:
-    train(cfg)
+    run_guarded("learnsim-train", train, cfg)
 
 
 HELP_KEYS = [
