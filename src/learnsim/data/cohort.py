@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ __all__ = [
     "write_text",
     "write_json",
     "write_pairs_csv",
+    "subject_files",
+    "pair_row",
     "read_manifest",
     "is_finished",
 ]
@@ -82,6 +85,27 @@ def write_pairs_csv(path: Path, rows: list[dict[str, str]]) -> None:
     w.writeheader()
     w.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+def subject_files(folder: str, written: Collection[str], image_name: str = "t1.nii.gz") -> dict[str, str | None]:
+    """A subject's files as :func:`write_subject` names them: ``{"image": "<folder>/<image_name>", "mask":
+    "<folder>/mask.nii.gz" or None, "seg": "<folder>/seg.nii.gz" or None}``; mask and seg only when in ``written``
+    (the paths :func:`write_subject` returned)."""
+    optional = {k: f"{folder}/{k}.nii.gz" for k in ("mask", "seg")}
+    return {"image": f"{folder}/{image_name}", **{k: (v if v in written else None) for k, v in optional.items()}}
+
+
+def pair_row(fixed: Mapping[str, str | None], moving: Mapping[str, str | None]) -> dict[str, str]:
+    """One pair-list row (:data:`CSV_COLUMNS`) from the fixed and the moving subject's files (mappings with keys
+    ``image``, ``mask``, ``seg``: a path, or None / missing for none; an empty cell in the CSV)."""
+    row = {}
+    for side, files in (("fixed", fixed), ("moving", moving)):
+        if not files.get("image"):
+            raise ValueError(f"pair_row: the {side} subject has no image")
+        row[side] = str(files["image"])
+        for kind in ("mask", "seg"):
+            row[f"{side}_{kind}"] = str(files[kind]) if files.get(kind) else ""
+    return {c: row[c] for c in CSV_COLUMNS}
 
 
 def read_manifest(path: Path) -> dict:

@@ -48,8 +48,10 @@ from learnsim.data import labels as L
 from learnsim.data.cohort import (
     CSV_COLUMNS,
     is_finished,
+    pair_row,
     read_manifest,
     remove_partials,
+    subject_files,
     write_json,
     write_pairs_csv,
     write_subject,
@@ -64,6 +66,7 @@ from learnsim.data.preprocess import (
     resampling_note,
     target_grid,
 )
+from learnsim.data.progress import Progress
 from learnsim.data.sources import SOURCES, fetch
 from learnsim.io import atomic_path, sha256_file
 
@@ -381,14 +384,18 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
             "volumes": entries,
         }
 
-    # atlas
+    # atlas, then the subjects: one progress step each ("k/N" and the time left; a bar on a terminal, whose
+    # messages go above it: `log` is rebound for the nested helpers too)
+    progress = Progress(len(plan) + 1, f"demo cohort -> {out}", log)
+    outer_log, log = log, progress.log
     atlas_entry = {"id": "atlas", "split": "atlas", "source": ATLAS.name, "spec": atlas_spec}
     if is_finished(out, old_entries.get("atlas"), atlas_spec):
         atlas_entry["files"] = old_entries["atlas"]["files"]
-        log("[learnsim-data] atlas: up to date")
+        progress.step("[learnsim-data] atlas: up to date")
     else:
         a = atlas_pre()
         atlas_entry["files"] = write_subject(out, "atlas", a)
+        progress.step("[learnsim-data] atlas: written")
     with atomic_path(out / "atlas" / "COPYING") as tmp:
         shutil.copyfile(paths["icbm2009c_copying"], tmp)
     entries.append(atlas_entry)
@@ -408,7 +415,7 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
         if is_finished(out, old_entry, subj_spec):
             entry["params"] = old_entry.get("params", {})
             entry["files"] = old_entry["files"]
-            log(f"[learnsim-data] {p.id}: up to date")
+            progress.step(f"[learnsim-data] {p.id}: up to date")
         else:
             if p.source.name not in raws:
                 a = atlas_pre() if p.source.mask_rule == "atlas" else None
@@ -418,7 +425,7 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
             entry["params"] = params
             entry["files"] = write_subject(out, f"subjects/{p.id}", subj)
             structs = L.structures_present(subj.seg) if subj.seg is not None else []
-            log(
+            progress.step(
                 f"[learnsim-data] {p.id}: from {SOURCES[p.source.image].package}, shape {grid.shape}, spacing "
                 f"{np.round(grid.spacing, 3).tolist()} mm, max displacement {params['max_disp_mm']:.2f} mm, "
                 f"min det J {params['min_jacobian']:.3f}, bias {params['bias_strength']:.2f}, gamma {params['gamma']:.2f}, "
@@ -426,6 +433,8 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
             )
         entries.append(entry)
         write_json(manifest_path, manifest(False))
+    progress.close()
+    log = outer_log
 
     # remove subject folders of an older, larger plan (only those our manifest recorded)
     planned = {p.id for p in plan}
@@ -434,24 +443,13 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
             shutil.rmtree(out / "subjects" / sid)
 
     # CSVs
-    af = atlas_entry["files"]
+    fixed_files = subject_files("atlas", atlas_entry["files"])
     for split in ("train", "val", "test"):
-        rows = []
-        for e in entries:
-            if e["split"] != split:
-                continue
-            f = e["files"]
-            base = f"subjects/{e['id']}"
-            rows.append(
-                {
-                    "fixed": "atlas/t1.nii.gz",
-                    "moving": f"{base}/t1.nii.gz",
-                    "fixed_mask": "atlas/mask.nii.gz",
-                    "moving_mask": f"{base}/mask.nii.gz" if f"{base}/mask.nii.gz" in f else "",
-                    "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in af else "",
-                    "moving_seg": f"{base}/seg.nii.gz" if f"{base}/seg.nii.gz" in f else "",
-                }
-            )
+        rows = [
+            pair_row(fixed_files, subject_files(f"subjects/{e['id']}", e["files"]))
+            for e in entries
+            if e["split"] == split
+        ]
         write_pairs_csv(out / f"{split}.csv", rows)
     final = manifest(True)
     write_json(manifest_path, final)

@@ -21,13 +21,16 @@ from pathlib import Path
 
 from learnsim.data.cohort import (
     is_finished,
+    pair_row,
     read_manifest,
     remove_partials,
+    subject_files,
     write_json,
     write_pairs_csv,
     write_subject,
 )
 from learnsim.data.preprocess import Volume, as_dims, preprocess, target_grid
+from learnsim.data.progress import Progress
 from learnsim.data.validate import DataValidationError
 
 __all__ = ["UKBB_IMAGE", "UKBB_MASK", "UKBB_SEG", "read_ids", "build_ukbb"]
@@ -102,22 +105,11 @@ def build_ukbb(
     remove_partials(out)
     manifest_path = out / "manifest.json"
     if link_originals:
-        a = files(atlas_id)
+        def absolute(sid: str) -> dict[str, str | None]:
+            return {k: str(p.resolve()) if p else None for k, p in files(sid).items()}
+
         for split, ids in splits.items():
-            rows = []
-            for sid in ids:
-                m = files(sid)
-                rows.append(
-                    {
-                        "fixed": str(a["image"].resolve()),
-                        "moving": str(m["image"].resolve()),
-                        "fixed_mask": str(a["mask"].resolve()) if a["mask"] else "",
-                        "moving_mask": str(m["mask"].resolve()) if m["mask"] else "",
-                        "fixed_seg": str(a["seg"].resolve()) if a["seg"] else "",
-                        "moving_seg": str(m["seg"].resolve()) if m["seg"] else "",
-                    }
-                )
-            write_pairs_csv(out / f"{split}.csv", rows)
+            write_pairs_csv(out / f"{split}.csv", [pair_row(absolute(atlas_id), absolute(sid)) for sid in ids])
         manifest = {
             "what": "UK Biobank-style cohort, pair lists pointing at the original files",
             "root": str(root.resolve()),
@@ -163,7 +155,7 @@ def build_ukbb(
         entry = {"id": rel, "subject": sid, "split": split, "spec": spec}
         if is_finished(out, old.get(rel), spec):
             entry["files"] = old[rel]["files"]
-            log(f"[learnsim-data] {sid}: up to date")
+            progress.step(f"[learnsim-data] {sid}: up to date")
             return entry
         p = preprocess(
             Volume.load(f["image"]),
@@ -172,11 +164,13 @@ def build_ukbb(
             Volume.load(f["seg"]) if f["seg"] else None,
         )
         for note in p.notes:
-            log(f"[learnsim-data]   {note}")
+            progress.log(f"[learnsim-data]   {note}")
         entry["files"] = write_subject(out, rel, p, image_name="image.nii.gz")
-        log(f"[learnsim-data] {sid} ({split}): written to {out / rel}")
+        progress.step(f"[learnsim-data] {sid} ({split}): written to {out / rel}")
         return entry
 
+    # one progress step per subject, the atlas included ("k/N" and the time left; a bar on a terminal)
+    progress = Progress(1 + sum(map(len, splits.values())), f"cohort -> {out}", log)
     atlas_entry = process(atlas_id, "atlas", "atlas")
     entries.append(atlas_entry)
     write_json(manifest_path, manifest(False))
@@ -186,18 +180,14 @@ def build_ukbb(
             e = process(sid, f"subjects/{sid}", split)
             entries.append(e)
             write_json(manifest_path, manifest(False))
-            rel = f"subjects/{sid}"
             rows.append(
-                {
-                    "fixed": "atlas/image.nii.gz",
-                    "moving": f"{rel}/image.nii.gz",
-                    "fixed_mask": "atlas/mask.nii.gz" if "atlas/mask.nii.gz" in atlas_entry["files"] else "",
-                    "moving_mask": f"{rel}/mask.nii.gz" if f"{rel}/mask.nii.gz" in e["files"] else "",
-                    "fixed_seg": "atlas/seg.nii.gz" if "atlas/seg.nii.gz" in atlas_entry["files"] else "",
-                    "moving_seg": f"{rel}/seg.nii.gz" if f"{rel}/seg.nii.gz" in e["files"] else "",
-                }
+                pair_row(
+                    subject_files("atlas", atlas_entry["files"], "image.nii.gz"),
+                    subject_files(f"subjects/{sid}", e["files"], "image.nii.gz"),
+                )
             )
         write_pairs_csv(out / f"{split}.csv", rows)
+    progress.close()
     final = manifest(True)
     write_json(manifest_path, final)
     log(
