@@ -400,7 +400,7 @@ def label_overlay(
     segmentation). Each structure has one colour (:func:`structure_colours`, in the order of ``structures``) in
     every panel; with ``reference_outlines`` the atlas outlines are repeated as thin white dashed lines in the
     before / after panels, so the mismatch is seen in place. Column titles give the mean DSC against
-    ``fixed_seg`` over the structures it labels.
+    ``fixed_seg`` over the structures it labels (and, with ``moving_seg``, the moving segmentation labels too).
 
     Args:
         path: PNG to write; its size in pixels is :func:`label_overlay_size` of the number of columns.
@@ -474,10 +474,12 @@ def label_overlay(
         len(views), len(columns), left=left_frac, right=right_frac - 0.005, bottom=0.005, top=top_frac,
         wspace=0.03, hspace=0.03,
     )
+    # DSC over the structures the moving segmentation labels at all (as the evaluator: others were never registrable)
+    scored = [k for k in labels if (before == k).any()] if before is not None else labels
     for c, (name, seg) in enumerate(columns):
         col_title = name
         if ref is not None and seg is not ref:
-            col_title += f"\nmean DSC {_mean_dsc(seg, ref, labels):.3f}"
+            col_title += f"\nmean DSC {_mean_dsc(seg, ref, scored):.3f}"
         for r, view in enumerate(views):
             ax = fig.add_subplot(gs[r, c])
             ax.set_xticks([])
