@@ -72,6 +72,23 @@ def test_warp_equals_torch_path_both_gradients(shape, image_batch):
     assert rel_err(gin, git) < 1e-5  # w.r.t. the image
 
 
+def test_integer_coordinates_have_forward_difference_slopes():
+    # zero displacement samples exactly at voxel centres, where trilinear interpolation has a kink: the kernel takes
+    # the forward difference (PyTorch's normalised coordinates round either way there, so it is no reference);
+    # on the border the gradient is 0 (grid_sample's convention: the border counts as outside)
+    shape = (5, 6, 7)
+    disp = torch.zeros(1, 3, *shape, requires_grad=True)
+    image = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(1))
+    with use_backend("numba"):
+        out = spatial.warp(image, disp)
+        (grad,) = torch.autograd.grad(out.sum(), disp)
+    assert torch.equal(out, image)
+    expected = torch.zeros_like(image[0, 0])
+    expected[:, :, 1:-1] = image[0, 0, :, :, 2:] - image[0, 0, :, :, 1:-1]
+    assert torch.allclose(grad[0, 2], expected, atol=1e-6)
+    assert grad[0, 0, 0].abs().max() == 0 and grad[0, 0, -1].abs().max() == 0
+
+
 def test_samples_outside_the_grid_clamp_like_grid_sample():
     # a translation far outside the grid along every axis: everything samples the border
     shape = (6, 7, 8)

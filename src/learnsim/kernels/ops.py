@@ -15,6 +15,7 @@ Inputs must be CPU float32/float64 tensors; :func:`learnsim.kernels.backend.use_
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import numba
@@ -25,7 +26,34 @@ from torch.autograd.function import once_differentiable
 
 from learnsim.kernels import trilinear_numba as K
 
-__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "chunks"]
+__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "chunks", "Workspace"]
+
+
+class Workspace:
+    """Reusable scratch tensors, keyed by name, shape and dtype.
+
+    A tensor of more than 32 MiB is a fresh ``mmap`` for glibc every time it is allocated, and its first touch
+    costs a page fault per 4 KiB (at 128^3 this took longer than the squaring itself). A buffer is handed out
+    again only when nothing but the workspace holds it (its reference count), so a graph kept alive with
+    ``retain_graph=True`` never sees its saved fields overwritten.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        key = (name, tuple(shape), dtype)
+        t = self._buffers.get(key)
+        if t is not None and sys.getrefcount(t) <= 3:  # the dict, ``t`` and getrefcount's argument
+            return t
+        if len(self._buffers) > 64:
+            self._buffers.clear()
+        t = torch.empty(shape, dtype=dtype)
+        self._buffers[key] = t
+        return t
+
+
+_WORKSPACE = Workspace()
 
 
 def chunks() -> int:
@@ -52,33 +80,47 @@ def _flat(t: Tensor) -> np.ndarray:
     return t.detach().reshape(*t.shape[:-3], -1).numpy()
 
 
+def _channels_last(t: Tensor) -> Tensor:
+    """``[B, 3, D, H, W]`` -> contiguous ``[B, D, H, W, 3]``."""
+    return t.permute(0, 2, 3, 4, 1).contiguous()
+
+
 class _Integrate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, no_steps: int) -> Tensor:  # type: ignore[override]
         chunks()
-        u = (v * (1.0 / 2**no_steps)).contiguous()
-        grid = _grid(u)
-        saved = []
-        for _ in range(no_steps):
-            nxt = torch.empty_like(u)
-            K.squaring_forward(_flat(u), _flat(nxt), *grid)
-            saved.append(u)
-            u = nxt
-        ctx.saved_fields = saved
+        b, _, d, h, w = v.shape
+        # the T fields u_0 .. u_{T-1}, channels-last, in one reusable stack: the only state the adjoint needs
+        stack = _WORKSPACE.get("squarings", (no_steps + 1, b, d, h, w, 3), v.dtype)
+        torch.mul(v.permute(0, 2, 3, 4, 1), 1.0 / 2**no_steps, out=stack[0])
+        grid = _grid(v)
+        flat = stack.view(no_steps + 1, b, -1).numpy()
+        for k in range(no_steps):
+            K.squaring_forward(flat[k], flat[k + 1], *grid)
+        ctx.stack = stack
         ctx.no_steps = no_steps
-        return u
+        return stack[no_steps].permute(0, 4, 1, 2, 3).contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         n = chunks()
-        g = grad.contiguous()
-        grid = _grid(g)
-        for u in reversed(ctx.saved_fields):
-            bufs = torch.zeros((n, *u.shape), dtype=u.dtype)
-            K.squaring_backward(_flat(u), _flat(g), _flat(bufs), *grid)
-            g = bufs[0] if n == 1 else bufs.sum(0)
-        return g * (1.0 / 2**ctx.no_steps), None
+        stack = ctx.stack
+        b, d, h, w, _ = stack.shape[1:]
+        grid = _grid(stack[0, :, :, :, :, 0])
+        flat = stack.view(stack.shape[0], b, -1).numpy()
+        # two ping-pong accumulators: step k reads the gradient from one and scatters into the other
+        accs = [_WORKSPACE.get(f"squaring_adjoint{i}", (n, b, d * h * w * 3), stack.dtype) for i in range(2)]
+        g = _channels_last(grad).view(b, -1)
+        for k in reversed(range(ctx.no_steps)):
+            acc = accs[k % 2]
+            acc.zero_()
+            K.squaring_backward(flat[k], _np(g), _np(acc), *grid)
+            for t in range(1, n):
+                acc[0].add_(acc[t])
+            g = acc[0]
+        dv = g.view(b, d, h, w, 3).permute(0, 4, 1, 2, 3) * (1.0 / 2**ctx.no_steps)
+        return dv.contiguous(), None
 
 
 def integrate_svf(v: Tensor, no_steps: int) -> Tensor:

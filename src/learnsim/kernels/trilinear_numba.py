@@ -24,6 +24,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # FMA and reordering; no nnan/ninf: NaNs stay visible
+
 __all__ = [
     "squaring_forward",
     "squaring_backward",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH)
 def _axis(p, top, zero, one):
     """Border clamp of a voxel coordinate ``p`` to ``[0, top]`` with grid_sample's gradient flag, then the
     lower tap, the upper tap (kept in range: its weight is exactly 0 whenever it would leave the grid) and the
@@ -49,14 +51,19 @@ def _axis(p, top, zero, one):
         g = one
     i0 = int(p)  # p >= 0: truncation is floor
     f = p - (zero + i0)
-    i1 = i0 + 1 if f > zero else i0
+    # the upper tap exists even at f == 0 (an integer coordinate): its slope is the gradient there
+    i1 = i0 + 1 if i0 + 1 < top + one else i0
     return i0, i1, f, g
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH)
 def _corners(cz, cy, cx, z, y, x, uz, uy, ux, nh, nw, zero, one):
-    """The 8 flat tap offsets and the weights/gradient flags of the sample at voxel ``(z, y, x) + (uz, uy, ux)``;
-    ``cz``/``cy``/``cx`` are the grid's coordinates ``0..n-1`` in the field's dtype."""
+    """Tap offsets, weights and gradient flags of the sample at voxel ``(z, y, x) + (uz, uy, ux)``.
+
+    ``cz``/``cy``/``cx`` are the grid's coordinates ``0..n-1`` in the field's dtype. Returns the flat offsets
+    of the four ``(z, y)`` rows (``o00`` = (z0, y0), ``o01`` = (z0, y1), ``o10`` = (z1, y0), ``o11`` = (z1, y1)),
+    the two columns ``x0, x1``, the fractional weights ``fz, fy, fx`` and the gradient flags ``gz, gy, gx``.
+    """
     z0, z1, fz, gz = _axis(cz[z] + uz, cz[-1], zero, one)
     y0, y1, fy, gy = _axis(cy[y] + uy, cy[-1], zero, one)
     x0, x1, fx, gx = _axis(cx[x] + ux, cx[-1], zero, one)
@@ -68,78 +75,111 @@ def _corners(cz, cy, cx, z, y, x, uz, uy, ux, nh, nw, zero, one):
     return o00, o01, o10, o11, x0, x1, fz, fy, fx, gz, gy, gx
 
 
-@njit(cache=True, inline="always")
-def _gather(a, o00, o01, o10, o11, x0, x1, fz, fy, fx, one):
-    c00 = a[o00 + x0] * (one - fx) + a[o00 + x1] * fx
-    c01 = a[o01 + x0] * (one - fx) + a[o01 + x1] * fx
-    c10 = a[o10 + x0] * (one - fx) + a[o10 + x1] * fx
-    c11 = a[o11 + x0] * (one - fx) + a[o11 + x1] * fx
-    return (c00 * (one - fy) + c01 * fy) * (one - fz) + (c10 * (one - fy) + c11 * fy) * fz
+@njit(cache=True, fastmath=FASTMATH)
+def _load8(a, o00, o01, o10, o11, x0, x1):
+    """The 8 trilinear taps of ``a``, ordered (z, y, x) = 000, 001, 010, 011, 100, 101, 110, 111."""
+    return (a[o00 + x0], a[o00 + x1], a[o01 + x0], a[o01 + x1], a[o10 + x0], a[o10 + x1], a[o11 + x0], a[o11 + x1])
 
 
-@njit(cache=True, inline="always")
-def _position_grad(a, o00, o01, o10, o11, x0, x1, fz, fy, fx, one):
-    """Gradient of the trilinear sample of ``a`` w.r.t. the sampling position (along D, H, W)."""
-    v000 = a[o00 + x0]
-    v001 = a[o00 + x1]
-    v010 = a[o01 + x0]
-    v011 = a[o01 + x1]
-    v100 = a[o10 + x0]
-    v101 = a[o10 + x1]
-    v110 = a[o11 + x0]
-    v111 = a[o11 + x1]
-    wz0, wy0, wx0 = one - fz, one - fy, one - fx
-    dz = wy0 * (wx0 * (v100 - v000) + fx * (v101 - v001)) + fy * (wx0 * (v110 - v010) + fx * (v111 - v011))
-    dy = wz0 * (wx0 * (v010 - v000) + fx * (v011 - v001)) + fz * (wx0 * (v110 - v100) + fx * (v111 - v101))
-    dx = wz0 * (wy0 * (v001 - v000) + fy * (v011 - v010)) + fz * (wy0 * (v101 - v100) + fy * (v111 - v110))
+@njit(cache=True, fastmath=FASTMATH)
+def _weights(fz, fy, fx, one):
+    """Trilinear weights of the 8 taps (same order as :func:`_load8`) and the 4-tap weights of each face pair
+    (``yx``: for the z-slope, ``zx``: y-slope, ``zy``: x-slope)."""
+    wz, wy, wx = one - fz, one - fy, one - fx
+    yx = (wy * wx, wy * fx, fy * wx, fy * fx)
+    zx = (wz * wx, wz * fx, fz * wx, fz * fx)
+    zy = (wz * wy, wz * fy, fz * wy, fz * fy)
+    w = (wz * yx[0], wz * yx[1], wz * yx[2], wz * yx[3], fz * yx[0], fz * yx[1], fz * yx[2], fz * yx[3])
+    return w, yx, zx, zy
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dot8(w, v):
+    return w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3] + w[4] * v[4] + w[5] * v[5] + w[6] * v[6] + w[7] * v[7]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _slopes(v, yx, zx, zy):
+    """Gradient of the trilinear sample w.r.t. the sampling position (along D, H, W) from its 8 taps."""
+    dz = yx[0] * (v[4] - v[0]) + yx[1] * (v[5] - v[1]) + yx[2] * (v[6] - v[2]) + yx[3] * (v[7] - v[3])
+    dy = zx[0] * (v[2] - v[0]) + zx[1] * (v[3] - v[1]) + zx[2] * (v[6] - v[4]) + zx[3] * (v[7] - v[5])
+    dx = zy[0] * (v[1] - v[0]) + zy[1] * (v[3] - v[2]) + zy[2] * (v[5] - v[4]) + zy[3] * (v[7] - v[6])
     return dz, dy, dx
 
 
-@njit(cache=True, inline="always")
-def _scatter(r, gc, o00, o01, o10, o11, x0, x1, fz, fy, fx, one):
-    """Transpose of :func:`_gather`: add ``gc`` times the 8 trilinear weights into ``r``."""
-    wz0, wy0, wx0 = one - fz, one - fy, one - fx
-    a = gc * wz0 * wy0
-    r[o00 + x0] += a * wx0
-    r[o00 + x1] += a * fx
-    a = gc * wz0 * fy
-    r[o01 + x0] += a * wx0
-    r[o01 + x1] += a * fx
-    a = gc * fz * wy0
-    r[o10 + x0] += a * wx0
-    r[o10 + x1] += a * fx
-    a = gc * fz * fy
-    r[o11 + x0] += a * wx0
-    r[o11 + x1] += a * fx
+@njit(cache=True, fastmath=FASTMATH)
+def _scatter(r, gc, w, o00, o01, o10, o11, x0, x1):
+    """Transpose of the trilinear gather: add ``gc`` times the 8 weights ``w`` into the taps of ``r``."""
+    r[o00 + x0] += gc * w[0]
+    r[o00 + x1] += gc * w[1]
+    r[o01 + x0] += gc * w[2]
+    r[o01 + x1] += gc * w[3]
+    r[o10 + x0] += gc * w[4]
+    r[o10 + x1] += gc * w[5]
+    r[o11 + x0] += gc * w[6]
+    r[o11 + x1] += gc * w[7]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, fastmath=FASTMATH)
+def _load8c(a, o00, o01, o10, o11, x0, x1, c):
+    """:func:`_load8` for channel ``c`` of a channels-last field ``a`` ``[D*H*W*3]``."""
+    return (
+        a[3 * (o00 + x0) + c],
+        a[3 * (o00 + x1) + c],
+        a[3 * (o01 + x0) + c],
+        a[3 * (o01 + x1) + c],
+        a[3 * (o10 + x0) + c],
+        a[3 * (o10 + x1) + c],
+        a[3 * (o11 + x0) + c],
+        a[3 * (o11 + x1) + c],
+    )
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _scatter_c(r, gc, w, o00, o01, o10, o11, x0, x1, c):
+    """:func:`_scatter` into channel ``c`` of a channels-last field ``r`` ``[D*H*W*3]``."""
+    r[3 * (o00 + x0) + c] += gc * w[0]
+    r[3 * (o00 + x1) + c] += gc * w[1]
+    r[3 * (o01 + x0) + c] += gc * w[2]
+    r[3 * (o01 + x1) + c] += gc * w[3]
+    r[3 * (o10 + x0) + c] += gc * w[4]
+    r[3 * (o10 + x1) + c] += gc * w[5]
+    r[3 * (o11 + x0) + c] += gc * w[6]
+    r[3 * (o11 + x1) + c] += gc * w[7]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def squaring_forward(u, out, cz, cy, cx, unit):
-    """One squaring step ``out = u + u o (id + u)``; ``u``, ``out``: ``[B, 3, D*H*W]`` (flat grid), voxels."""
+    """One squaring step ``out = u + u o (id + u)``.
+
+    ``u``, ``out``: **channels-last** ``[B, D*H*W*3]`` (the three components of a voxel side by side, so that a
+    trilinear tap reads one cache line for all of them), voxels.
+    """
     nb = u.shape[0]
     nd, nh, nw = cz.shape[0], cy.shape[0], cx.shape[0]
     zero, one = unit[0], unit[1]
     for bz in prange(nb * nd):
         b = bz // nd
         z = bz % nd
-        uz, uy, ux = u[b, 0], u[b, 1], u[b, 2]  # views hoisted out of the voxel loop (no refcounting there)
-        oz, oy, ox = out[b, 0], out[b, 1], out[b, 2]
+        a = u[b]  # view hoisted out of the voxel loop (no refcounting there)
+        o = out[b]
         for y in range(nh):
             base = (z * nh + y) * nw
             for x in range(nw):
-                i = base + x
+                i = 3 * (base + x)
                 o00, o01, o10, o11, x0, x1, fz, fy, fx, _gz, _gy, _gx = _corners(
-                    cz, cy, cx, z, y, x, uz[i], uy[i], ux[i], nh, nw, zero, one
+                    cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
                 )
-                oz[i] = uz[i] + _gather(uz, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
-                oy[i] = uy[i] + _gather(uy, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
-                ox[i] = ux[i] + _gather(ux, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
+                w, _yx, _zx, _zy = _weights(fz, fy, fx, one)
+                o[i] = a[i] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 0))
+                o[i + 1] = a[i + 1] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 1))
+                o[i + 2] = a[i + 2] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 2))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def squaring_backward(u, g, bufs, cz, cy, cx, unit):
-    """Adjoint of :func:`squaring_forward`: accumulates ``dL/du`` into ``bufs`` ``[T, B, 3, D*H*W]`` (zeroed by
-    the caller; the gradient is ``bufs.sum(0)``), given ``g = dL/d out`` ``[B, 3, D*H*W]``."""
+    """Adjoint of :func:`squaring_forward` (channels-last ``[B, D*H*W*3]``): accumulates ``dL/du`` into ``bufs``
+    ``[T, B, D*H*W*3]`` (zeroed by the caller; the gradient is ``bufs.sum(0)``), given ``g = dL/d out``."""
     nt = bufs.shape[0]
     nb = u.shape[0]
     nd, nh, nw = cz.shape[0], cy.shape[0], cx.shape[0]
@@ -150,32 +190,33 @@ def squaring_backward(u, g, bufs, cz, cy, cx, unit):
         for bz in range(t * rows // nt, (t + 1) * rows // nt):
             b = bz // nd
             z = bz % nd
-            uz, uy, ux = u[b, 0], u[b, 1], u[b, 2]  # views hoisted out of the voxel loop
-            gzv, gyv, gxv = g[b, 0], g[b, 1], g[b, 2]
-            rz, ry, rx = acc[b, 0], acc[b, 1], acc[b, 2]
+            a = u[b]  # views hoisted out of the voxel loop
+            gb = g[b]
+            r = acc[b]
             for y in range(nh):
                 base = (z * nh + y) * nw
                 for x in range(nw):
-                    i = base + x
+                    i = 3 * (base + x)
                     o00, o01, o10, o11, x0, x1, fz, fy, fx, gz, gy, gx = _corners(
-                        cz, cy, cx, z, y, x, uz[i], uy[i], ux[i], nh, nw, zero, one
+                        cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
                     )
-                    g0, g1, g2 = gzv[i], gyv[i], gxv[i]
+                    w, yx, zx, zy = _weights(fz, fy, fx, one)
+                    g0, g1, g2 = gb[i], gb[i + 1], gb[i + 2]
                     # gradient through the sampling position, summed over the three sampled channels
-                    d0z, d0y, d0x = _position_grad(uz, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
-                    d1z, d1y, d1x = _position_grad(uy, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
-                    d2z, d2y, d2x = _position_grad(ux, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
+                    d0z, d0y, d0x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 0), yx, zx, zy)
+                    d1z, d1y, d1x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 1), yx, zx, zy)
+                    d2z, d2y, d2x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 2), yx, zx, zy)
                     # the identity term of u + u o (id + u), and the position gradient
-                    rz[i] += g0 + (g0 * d0z + g1 * d1z + g2 * d2z) * gz
-                    ry[i] += g1 + (g0 * d0y + g1 * d1y + g2 * d2y) * gy
-                    rx[i] += g2 + (g0 * d0x + g1 * d1x + g2 * d2x) * gx
+                    r[i] += g0 + (g0 * d0z + g1 * d1z + g2 * d2z) * gz
+                    r[i + 1] += g1 + (g0 * d0y + g1 * d1y + g2 * d2y) * gy
+                    r[i + 2] += g2 + (g0 * d0x + g1 * d1x + g2 * d2x) * gx
                     # transpose of the trilinear gather
-                    _scatter(rz, g0, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
-                    _scatter(ry, g1, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
-                    _scatter(rx, g2, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
+                    _scatter_c(r, g0, w, o00, o01, o10, o11, x0, x1, 0)
+                    _scatter_c(r, g1, w, o00, o01, o10, o11, x0, x1, 1)
+                    _scatter_c(r, g2, w, o00, o01, o10, o11, x0, x1, 2)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def warp_forward(image, u, out, cz, cy, cx, unit):
     """``out = image o (id + u)``: ``image`` ``[1 or B, C, D*H*W]``, ``u`` ``[B, 3, D*H*W]``, ``out`` ``[B, C, D*H*W]``."""
     nb = u.shape[0]
@@ -197,10 +238,11 @@ def warp_forward(image, u, out, cz, cy, cx, unit):
                     o00, o01, o10, o11, x0, x1, fz, fy, fx, _gz, _gy, _gx = _corners(
                         cz, cy, cx, z, y, x, uz[i], uy[i], ux[i], nh, nw, zero, one
                     )
-                    o[i] = _gather(a, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
+                    w, _yx, _zx, _zy = _weights(fz, fy, fx, one)
+                    o[i] = _dot8(w, _load8(a, o00, o01, o10, o11, x0, x1))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def warp_backward(image, u, g, grad_u, bufs, need_image, cz, cy, cx, unit):
     """Adjoint of :func:`warp_forward` given ``g = dL/d out`` ``[B, C, D*H*W]``.
 
@@ -232,8 +274,9 @@ def warp_backward(image, u, g, grad_u, bufs, need_image, cz, cy, cx, unit):
                         o00, o01, o10, o11, x0, x1, fz, fy, fx, gz, gy, gx = _corners(
                             cz, cy, cx, z, y, x, uz[i], uy[i], ux[i], nh, nw, zero, one
                         )
+                        w, yx, zx, zy = _weights(fz, fy, fx, one)
                         gc = gc_[i]
-                        dz, dy, dx = _position_grad(a, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
+                        dz, dy, dx = _slopes(_load8(a, o00, o01, o10, o11, x0, x1), yx, zx, zy)
                         if c == 0:
                             dz_[i] = gc * dz * gz
                             dy_[i] = gc * dy * gy
@@ -243,7 +286,7 @@ def warp_backward(image, u, g, grad_u, bufs, need_image, cz, cy, cx, unit):
                             dy_[i] += gc * dy * gy
                             dx_[i] += gc * dx * gx
                         if need_image:
-                            _scatter(r, gc, o00, o01, o10, o11, x0, x1, fz, fy, fx, one)
+                            _scatter(r, gc, w, o00, o01, o10, o11, x0, x1)
 
 
 @njit(parallel=True, cache=True)
