@@ -13,17 +13,34 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from learnsim.fast_integration import integrate_fast
 from learnsim.spatial import bspline_control_shape, bspline_to_dense, integrate_svf
 
 __all__ = ["SVF", "SVFFD"]
 
 
 class SVF(nn.Module):
-    """Dense stationary velocity field integrated by ``no_steps`` squarings (12 in the original)."""
+    """Dense stationary velocity field integrated by ``no_steps`` squarings (12 in the original).
 
-    def __init__(self, no_steps: int = 12) -> None:
+    Args:
+        no_steps: squarings (an int >= 0, 12 in the original) or ``"auto"`` (fast mode: the fewest squarings that
+            keep the first step under half a voxel, at most 12; see :mod:`learnsim.fast_integration`).
+        int_downsize: fast mode: integrate on a grid this many times coarser (1, the default, is the image grid).
+    """
+
+    def __init__(self, no_steps: int | str = 12, int_downsize: int = 1) -> None:
         super().__init__()
-        self.no_steps = int(no_steps)
+        if no_steps != "auto" and (isinstance(no_steps, bool) or not isinstance(no_steps, int) or no_steps < 0):
+            raise ValueError(f"transformation.no_steps: expected an integer >= 0 or 'auto'; got {no_steps!r}")
+        if isinstance(int_downsize, bool) or not isinstance(int_downsize, int) or int_downsize < 1:
+            raise ValueError(f"transformation.int_downsize: expected an integer >= 1; got {int_downsize!r}")
+        self.no_steps = no_steps if no_steps == "auto" else int(no_steps)
+        self.int_downsize = int(int_downsize)
+
+    @property
+    def exact(self) -> bool:
+        """Whether this is the paper's integration (fixed squarings on the image grid), not fast mode."""
+        return self.no_steps != "auto" and self.int_downsize == 1
 
     def param_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Shape of one pair's parameters for an image grid ``(D, H, W)``."""
@@ -35,14 +52,16 @@ class SVF(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         """Displacement ``[B, 3, D, H, W]`` (voxels) of ``exp(v)``."""
-        return integrate_svf(v, self.no_steps)
+        if self.exact:
+            return integrate_svf(v, self.no_steps)
+        return integrate_fast(v, self.no_steps, self.int_downsize)
 
 
 class SVFFD(SVF):
     """SVF parametrised by a cubic B-spline control grid with ``cps`` voxels between control points."""
 
-    def __init__(self, no_steps: int = 12, cps: int | Sequence[int] = 2) -> None:
-        super().__init__(no_steps)
+    def __init__(self, no_steps: int | str = 12, cps: int | Sequence[int] = 2, int_downsize: int = 1) -> None:
+        super().__init__(no_steps, int_downsize)
         self.cps = int(cps) if isinstance(cps, int) else tuple(int(c) for c in cps)
 
     def param_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
