@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from learnsim.energies import RegLossL2
+from learnsim.kernels import get_backend, use_backend
 from learnsim.metric import build_metric
 from learnsim.reference import reference_q_v_loss
 from learnsim.registration import VariationalRegistration
@@ -65,6 +66,7 @@ from learnsim.transformation import SVF
 
 KINDS = ("ssd", "lcc", "cnn_ssd", "cnn_lcc")
 NO_STEPS = 12
+FAST_MODE = {"no_steps": "auto", "int_downsize": 2}  # transformation settings of learnsim's fast mode
 UNIFORM_NOISE = 0.1
 W_REG = {"ssd": 1.8, "cnn_ssd": 1.8, "lcc": 2.8, "cnn_lcc": 2.8}
 LR = {"ssd": 0.01, "cnn_ssd": 0.01, "lcc": 0.02, "cnn_lcc": 0.02}
@@ -208,12 +210,15 @@ def make_metric(kind: str, device: torch.device):
     return metric
 
 
-def make_registration(kind: str, metric, device: torch.device, amp: bool) -> VariationalRegistration:
-    """The q_v fitter with the original's settings (12 squarings, Sobolev s=3 lambda=0.5, noise 0.1 voxel)."""
+def make_registration(
+    kind: str, metric, device: torch.device, amp: bool, transformation: SVF | None = None
+) -> VariationalRegistration:
+    """The q_v fitter with the original's settings (12 squarings, Sobolev s=3 lambda=0.5, noise 0.1 voxel), or
+    with another ``transformation`` (fast mode: :data:`FAST_MODE`)."""
     sobolev = SobolevSmoother(True, 3, 0.5).to(device)
     return VariationalRegistration(
         metric,
-        SVF(NO_STEPS),
+        transformation if transformation is not None else SVF(NO_STEPS),
         RegLossL2(W_REG[kind]),
         sobolev,
         lr=LR[kind],
@@ -564,6 +569,14 @@ class Record:
     reference_peak_gib: float | None
     learnsim_times_ms: list[float] = field(default_factory=list)
     reference_times_ms: list[float] = field(default_factory=list)
+    kernels: str = "auto"
+    torch_path_ms: float | None = None
+    fast_ms: float | None = None
+    fast_speedup: float | None = None
+    fast_peak_gib: float | None = None
+    learnsim_min_ms: float | None = None
+    reference_min_ms: float | None = None
+    fast_min_ms: float | None = None
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
@@ -584,6 +597,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--quick", action="store_true", help="CI smoke run: CPU, 32^3, batch 1, 2 iterations")
     p.add_argument("--no-reference", action="store_true", help="time learnsim only")
+    p.add_argument("--no-fast", action="store_true", help="skip learnsim's fast mode (auto squarings, int_downsize 2)")
+    p.add_argument(
+        "--torch-path",
+        action="store_true",
+        help="also time learnsim's plain PyTorch path (LEARNSIM_KERNELS=torch), the implementation before the kernels",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of all paths (noisy machines: 2-3)")
     p.add_argument("--no-integration", action="store_true", help="skip (c), integration + warp vs MONAI")
     p.add_argument(
         "--proposals", action="store_true", help="also time fit with the proposed hot-path changes"
@@ -667,13 +687,23 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.cases:
             metric = make_metric(kind, device)
             reg = make_registration(kind, metric, device, amp=bf16)
-            ls_times, ls_mem = time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)
-            ref_times, ref_mem = ([], None)
-            if not args.no_reference:
-                ref_times, ref_mem = time_reference(
-                    kind, metric, fixed, moving, mask, args.warmup, args.iters, bf16
-                )
+            fast_reg = make_registration(kind, metric, device, amp=bf16, transformation=SVF(**FAST_MODE))
+            ls_times, ref_times, fast_times, torch_times = [], [], [], []
+            ls_mem = ref_mem = fast_mem = None
+            for _ in range(max(1, args.rounds)):  # interleaved: drifting background load hits every path alike
+                t, ls_mem = time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)
+                ls_times += t
+                if args.torch_path:
+                    with use_backend("torch"):
+                        torch_times += time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)[0]
+                if not args.no_fast:
+                    t, fast_mem = time_learnsim(fast_reg, fixed, moving, mask, args.warmup, args.iters)
+                    fast_times += t
+                if not args.no_reference:
+                    t, ref_mem = time_reference(kind, metric, fixed, moving, mask, args.warmup, args.iters, bf16)
+                    ref_times += t
             ls_ms, ref_ms = _median(ls_times), (_median(ref_times) if ref_times else None)
+            fast_ms = _median(fast_times) if fast_times else None
             rec = Record(
                 device.type,
                 args.dtype,
@@ -687,11 +717,20 @@ def main(argv: list[str] | None = None) -> int:
                 ref_mem,
                 ls_times,
                 ref_times,
+                kernels=get_backend(),
+                torch_path_ms=_median(torch_times) if torch_times else None,
+                fast_ms=fast_ms,
+                fast_speedup=(ref_ms / fast_ms) if (ref_ms and fast_ms) else None,
+                fast_peak_gib=fast_mem,
+                learnsim_min_ms=min(ls_times),
+                reference_min_ms=min(ref_times) if ref_times else None,
+                fast_min_ms=min(fast_times) if fast_times else None,
             )
             records.append(rec)
             print(
-                f"  {kind:8s} B={batch}: learnsim {_fmt(ls_ms)} ms, reference {_fmt(ref_ms)} ms, "
-                f"x{_fmt(rec.speedup, '.2f')}",
+                f"  {kind:8s} B={batch}: learnsim exact {_fmt(ls_ms)} ms (x{_fmt(rec.speedup, '.2f')}), "
+                f"fast {_fmt(fast_ms)} ms (x{_fmt(rec.fast_speedup, '.2f')}), reference {_fmt(ref_ms)} ms"
+                + (f", PyTorch path {_fmt(rec.torch_path_ms)} ms" if rec.torch_path_ms else ""),
                 flush=True,
             )
             if args.proposals:
@@ -699,14 +738,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        "| device | dtype | case | batch | ms/iter learnsim | ms/iter reference | speed-up | peak GiB learnsim | peak GiB reference |"
+        "| device | grid | case | batch | reference ms/iter (min/med) | exact ms/iter (min/med) | exact speed-up |"
+        " fast ms/iter (min/med) | fast speed-up | PyTorch path ms/iter | peak GiB reference / exact / fast |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
+        grid = "x".join(str(n) for n in r.size)
         print(
-            f"| {r.device} | {r.dtype} | {r.case} | {r.batch} | {_fmt(r.learnsim_ms)} | {_fmt(r.reference_ms)} | "
-            f"{_fmt(r.speedup, '.2f')} | {_fmt(r.learnsim_peak_gib, '.2f')} | {_fmt(r.reference_peak_gib, '.2f')} |"
+            f"| {r.device} | {grid} | {r.case} | {r.batch} | {_fmt(r.reference_min_ms, '.0f')} / {_fmt(r.reference_ms, '.0f')} | "
+            f"{_fmt(r.learnsim_min_ms, '.0f')} / {_fmt(r.learnsim_ms, '.0f')} | {_fmt(r.speedup, '.2f')} | "
+            f"{_fmt(r.fast_min_ms, '.0f')} / {_fmt(r.fast_ms, '.0f')} | {_fmt(r.fast_speedup, '.2f')} | "
+            f"{_fmt(r.torch_path_ms, '.0f')} | {_fmt(r.reference_peak_gib, '.2f')} / {_fmt(r.learnsim_peak_gib, '.2f')} / "
+            f"{_fmt(r.fast_peak_gib, '.2f')} |"
         )
+    print("(speed-ups: reference median / learnsim median, timed in the same run)")
     if device.type == "cpu":
         print("\n(CPU peak memory: growth of the resident set during the case, sampled; approximate)")
 
