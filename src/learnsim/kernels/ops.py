@@ -34,23 +34,29 @@ class Workspace:
 
     A tensor of more than 32 MiB is a fresh ``mmap`` for glibc every time it is allocated, and its first touch
     costs a page fault per 4 KiB (at 128^3 this took longer than the squaring itself). A buffer is handed out
-    again only when nothing but the workspace holds it (its reference count), so a graph kept alive with
-    ``retain_graph=True`` never sees its saved fields overwritten.
+    again only when nothing but the workspace holds it (its reference count), so a graph kept alive (the previous
+    iteration's loss, or ``retain_graph=True``) never sees its saved fields overwritten: each key keeps up to
+    ``slots`` buffers (two cover the q_v loop, where one iteration's graph lives while the next is built).
     """
 
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, Tensor] = {}
+    def __init__(self, slots: int = 3) -> None:
+        self.slots = int(slots)
+        self._buffers: dict[tuple, list[Tensor]] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        key = (name, tuple(shape), dtype)
-        t = self._buffers.get(key)
-        if t is not None and sys.getrefcount(t) <= 3:  # the dict, ``t`` and getrefcount's argument
-            return t
-        if len(self._buffers) > 64:
-            self._buffers.clear()
-        t = torch.empty(shape, dtype=dtype)
-        self._buffers[key] = t
+        key = (name, tuple(int(n) for n in shape), dtype)
+        pool = self._buffers.setdefault(key, [])
+        for t in pool:
+            if sys.getrefcount(t) <= 3:  # the pool's list, ``t`` and getrefcount's argument: free
+                return t
+        t = torch.empty(key[1], dtype=dtype)
+        if len(pool) < self.slots:
+            pool.append(t)
         return t
+
+    def clear(self) -> None:
+        """Drop every buffer (e.g. after a registration, to give the memory back)."""
+        self._buffers.clear()
 
 
 _WORKSPACE = Workspace()
