@@ -15,6 +15,7 @@ Inputs must be CPU float32/float64 tensors; :func:`learnsim.kernels.backend.use_
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -101,30 +102,32 @@ class _Integrate(torch.autograd.Function):
         torch.mul(v.permute(0, 2, 3, 4, 1), 1.0 / 2**no_steps, out=stack[0])
         grid = _grid(v)
         flat = stack.view(no_steps + 1, b, -1).numpy()
+        reach = np.empty((no_steps, b * d), dtype=np.float64 if v.dtype == torch.float64 else np.float32)
         for k in range(no_steps):
-            K.squaring_forward(flat[k], flat[k + 1], *grid)
+            K.squaring_forward(flat[k], flat[k + 1], *grid, reach[k])
         ctx.stack = stack
+        ctx.reach = reach.max(axis=1) if b * d else np.zeros(no_steps)
         ctx.no_steps = no_steps
         return stack[no_steps].permute(0, 4, 1, 2, 3).contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        n = chunks()
+        chunks()
         stack = ctx.stack
         b, d, h, w, _ = stack.shape[1:]
         grid = _grid(stack[0, :, :, :, :, 0])
         flat = stack.view(stack.shape[0], b, -1).numpy()
         # two ping-pong accumulators: step k reads the gradient from one and scatters into the other
-        accs = [_WORKSPACE.get(f"squaring_adjoint{i}", (n, b, d * h * w * 3), stack.dtype) for i in range(2)]
+        accs = [_WORKSPACE.get(f"squaring_adjoint{i}", (b, d * h * w * 3), stack.dtype) for i in range(2)]
         g = _channels_last(grad).view(b, -1)
         for k in reversed(range(ctx.no_steps)):
             acc = accs[k % 2]
             acc.zero_()
-            K.squaring_backward(flat[k], _np(g), _np(acc), *grid)
-            for t in range(1, n):
-                acc[0].add_(acc[t])
-            g = acc[0]
+            reach = float(ctx.reach[k])
+            m = int(math.ceil(reach)) + 1 if math.isfinite(reach) else d
+            K.squaring_backward(flat[k], _np(g), _np(acc), *grid, max(2 * m, 1))
+            g = acc
         dv = g.view(b, d, h, w, 3).permute(0, 4, 1, 2, 3) * (1.0 / 2**ctx.no_steps)
         return dv.contiguous(), None
 

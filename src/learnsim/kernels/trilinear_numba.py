@@ -149,11 +149,12 @@ def _scatter_c(r, gc, w, o00, o01, o10, o11, x0, x1, c):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def squaring_forward(u, out, cz, cy, cx, unit):
+def squaring_forward(u, out, cz, cy, cx, unit, row_reach):
     """One squaring step ``out = u + u o (id + u)``.
 
     ``u``, ``out``: **channels-last** ``[B, D*H*W*3]`` (the three components of a voxel side by side, so that a
-    trilinear tap reads one cache line for all of them), voxels.
+    trilinear tap reads one cache line for all of them), voxels. ``row_reach`` ``[B * D]`` receives each
+    ``(b, z)`` row's largest ``|u_z|`` (how far along D its samples reach; the adjoint's schedule needs it).
     """
     nb = u.shape[0]
     nd, nh, nw = cz.shape[0], cy.shape[0], cx.shape[0]
@@ -163,10 +164,12 @@ def squaring_forward(u, out, cz, cy, cx, unit):
         z = bz % nd
         a = u[b]  # view hoisted out of the voxel loop (no refcounting there)
         o = out[b]
+        reach = zero
         for y in range(nh):
             base = (z * nh + y) * nw
             for x in range(nw):
                 i = 3 * (base + x)
+                reach = max(reach, abs(a[i]))
                 o00, o01, o10, o11, x0, x1, fz, fy, fx, _gz, _gy, _gx = _corners(
                     cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
                 )
@@ -174,46 +177,53 @@ def squaring_forward(u, out, cz, cy, cx, unit):
                 o[i] = a[i] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 0))
                 o[i + 1] = a[i + 1] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 1))
                 o[i + 2] = a[i + 2] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 2))
+        row_reach[bz] = reach
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def squaring_backward(u, g, bufs, cz, cy, cx, unit):
-    """Adjoint of :func:`squaring_forward` (channels-last ``[B, D*H*W*3]``): accumulates ``dL/du`` into ``bufs``
-    ``[T, B, D*H*W*3]`` (zeroed by the caller; the gradient is ``bufs.sum(0)``), given ``g = dL/d out``."""
-    nt = bufs.shape[0]
+def squaring_backward(u, g, acc, cz, cy, cx, unit, slab):
+    """Adjoint of :func:`squaring_forward` (channels-last ``[B, D*H*W*3]``): accumulates ``dL/du`` into ``acc``
+    (zeroed by the caller), given ``g = dL/d out``.
+
+    The transpose of the trilinear gather scatters into the taps of each sample, up to ``m`` rows away along D
+    (``m = ceil(max |u_z|) + 1``). Rows are cut into slabs of ``slab >= 2 m`` rows per batch element; all even
+    slabs run in parallel, then all odd ones: two slabs of one phase are a slab apart, so their scatters never
+    touch the same voxel. No atomics, no per-thread copies, and a fixed summation order (deterministic).
+    """
     nb = u.shape[0]
     nd, nh, nw = cz.shape[0], cy.shape[0], cx.shape[0]
     zero, one = unit[0], unit[1]
-    rows = nb * nd
-    for t in prange(nt):
-        acc = bufs[t]
-        for bz in range(t * rows // nt, (t + 1) * rows // nt):
-            b = bz // nd
-            z = bz % nd
+    per_b = (nd + slab - 1) // slab
+    for phase in range(2):
+        n_items = nb * ((per_b - phase + 1) // 2)
+        for item in prange(n_items):
+            b = item % nb
+            s = 2 * (item // nb) + phase
             a = u[b]  # views hoisted out of the voxel loop
             gb = g[b]
             r = acc[b]
-            for y in range(nh):
-                base = (z * nh + y) * nw
-                for x in range(nw):
-                    i = 3 * (base + x)
-                    o00, o01, o10, o11, x0, x1, fz, fy, fx, gz, gy, gx = _corners(
-                        cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
-                    )
-                    w, yx, zx, zy = _weights(fz, fy, fx, one)
-                    g0, g1, g2 = gb[i], gb[i + 1], gb[i + 2]
-                    # gradient through the sampling position, summed over the three sampled channels
-                    d0z, d0y, d0x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 0), yx, zx, zy)
-                    d1z, d1y, d1x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 1), yx, zx, zy)
-                    d2z, d2y, d2x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 2), yx, zx, zy)
-                    # the identity term of u + u o (id + u), and the position gradient
-                    r[i] += g0 + (g0 * d0z + g1 * d1z + g2 * d2z) * gz
-                    r[i + 1] += g1 + (g0 * d0y + g1 * d1y + g2 * d2y) * gy
-                    r[i + 2] += g2 + (g0 * d0x + g1 * d1x + g2 * d2x) * gx
-                    # transpose of the trilinear gather
-                    _scatter_c(r, g0, w, o00, o01, o10, o11, x0, x1, 0)
-                    _scatter_c(r, g1, w, o00, o01, o10, o11, x0, x1, 1)
-                    _scatter_c(r, g2, w, o00, o01, o10, o11, x0, x1, 2)
+            for z in range(s * slab, min((s + 1) * slab, nd)):
+                for y in range(nh):
+                    base = (z * nh + y) * nw
+                    for x in range(nw):
+                        i = 3 * (base + x)
+                        o00, o01, o10, o11, x0, x1, fz, fy, fx, gz, gy, gx = _corners(
+                            cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
+                        )
+                        w, yx, zx, zy = _weights(fz, fy, fx, one)
+                        g0, g1, g2 = gb[i], gb[i + 1], gb[i + 2]
+                        # gradient through the sampling position, summed over the three sampled channels
+                        d0z, d0y, d0x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 0), yx, zx, zy)
+                        d1z, d1y, d1x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 1), yx, zx, zy)
+                        d2z, d2y, d2x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 2), yx, zx, zy)
+                        # the identity term of u + u o (id + u), and the position gradient
+                        r[i] += g0 + (g0 * d0z + g1 * d1z + g2 * d2z) * gz
+                        r[i + 1] += g1 + (g0 * d0y + g1 * d1y + g2 * d2y) * gy
+                        r[i + 2] += g2 + (g0 * d0x + g1 * d1x + g2 * d2x) * gx
+                        # transpose of the trilinear gather
+                        _scatter_c(r, g0, w, o00, o01, o10, o11, x0, x1, 0)
+                        _scatter_c(r, g1, w, o00, o01, o10, o11, x0, x1, 1)
+                        _scatter_c(r, g2, w, o00, o01, o10, o11, x0, x1, 2)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -366,8 +376,3 @@ def l2_gradient(v, w_reg, grad, row_energy):
                         gr += here - a[z, y, x - 1]
                     grad[b, c, z, y, x] = w_reg * gr
         row_energy[bz] = 0.5 * w_reg * e
-
-
-def new_buffers(chunks: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Zeroed per-chunk accumulators ``[chunks, *shape]`` for the scattering adjoints."""
-    return np.zeros((chunks, *shape), dtype=dtype)
