@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learnsim import spatial
-from learnsim.energies import l2_gradient_energy
+from learnsim.energies import l2_gradient_energy, lcc
 from learnsim.kernels import backend, use_backend
 from learnsim.sobolev import SobolevSmoother
 
@@ -134,6 +134,20 @@ def test_adjoint_is_deterministic_and_exact_for_any_reach(shift):
     assert torch.equal(gn, gn2)
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_lcc_equals_torch_path(channels, masked):
+    g = torch.Generator().manual_seed(channels)
+    shape = (9, 10, 11)
+    fixed = torch.rand(1, channels, *shape, generator=g, dtype=torch.float64)
+    warped = torch.rand(3, channels, *shape, generator=g, dtype=torch.float64)
+    mask = (torch.rand(1, 1, *shape, generator=g) > 0.3).double() if masked else None
+    (en, (gn,)), (et, (gt,)) = both_paths(lambda m: lcc(fixed, m, mask, 2), warped)
+    assert rel_err(en, et) < 1e-10 and rel_err(gn, gt) < 1e-10
+    (en, (gn,)), (et, (gt,)) = both_paths(lambda m: lcc(fixed.float(), m, mask, 1), warped.float())
+    assert rel_err(en, et) < 1e-5 and float((gn - gt).norm() / gt.norm()) < 1e-5
+
+
 def test_gradcheck_float64_tiny_grid():
     shape = (4, 5, 3)
     v = smooth_field(2, shape, 1.5, seed=5, dtype=torch.float64).requires_grad_(True)
@@ -142,6 +156,9 @@ def test_gradcheck_float64_tiny_grid():
     disp = smooth_field(2, shape, 1.2, seed=6, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(ops.warp, (image, disp), eps=1e-6, atol=1e-5)
     assert torch.autograd.gradcheck(lambda x: ops.l2_gradient_energy(x, 0.7), (v,), eps=1e-6, atol=1e-5)
+    fixed = torch.rand(1, 1, *shape, dtype=torch.float64)
+    warped = torch.rand(2, 1, *shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m: ops.lcc(fixed, m, None, 1), (warped,), eps=1e-6, atol=1e-5)
 
 
 def test_constant_velocity_is_exact_translation_on_numba_path():

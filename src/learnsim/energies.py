@@ -85,6 +85,10 @@ def _lcc_terms_fp32(fixed: Tensor, warped: Tensor, radius: int, kernel: Tensor |
 
 def lcc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, radius: int = 1, kernel: Tensor | None = None) -> Tensor:
     """Local cross-correlation energy ``-sum_mask cross^2 / (var_F var_M + 1e-5)``; ``[B]``."""
+    if kernel is None and not fixed.requires_grad and fixed.dtype == warped.dtype and use_numba(fixed, warped):
+        from learnsim.kernels import ops
+
+        return ops.lcc(fixed, warped, mask, radius)
     return -_apply_mask(lcc_terms(fixed, warped, radius, kernel), mask).flatten(1).sum(1)
 
 

@@ -216,7 +216,7 @@ class VariationalRegistration:
                 optimizer.zero_grad(set_to_none=True)
                 grads = torch.autograd.grad(loss.sum(), leaves)
                 for leaf, g in zip(leaves, grads, strict=True):
-                    leaf.grad = g
+                    leaf.grad = g.contiguous()  # autograd may hand back an expanded view; fused Adam needs real strides
                 optimizer.step()
                 if log_every and (it % log_every == 0):
                     detached = loss.detach()

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from learnsim.kernels import lcc_numba as L
 from learnsim.kernels import trilinear_numba as K
 
-__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "chunks", "Workspace"]
+__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "lcc", "chunks", "Workspace"]
 
 
 class Workspace:
@@ -207,3 +208,60 @@ class _L2Gradient(torch.autograd.Function):
 def l2_gradient_energy(v: Tensor, w_reg: float) -> Tensor:
     """``0.5 w_reg sum`` of squared forward differences along D, H, W; ``v`` ``[B, C, D, H, W]`` -> ``[B]``."""
     return _L2Gradient.apply(v, float(w_reg))
+
+
+def _box(x: np.ndarray, tmp: np.ndarray, r: int, adjoint: bool) -> np.ndarray:
+    """Separable (2r+1)^3 box sum (or its adjoint) of ``[N, D, H, W]``; returns the array holding the result."""
+    fn = L.box_adjoint_axis if adjoint else L.box_sum_axis
+    fn(x, tmp, r, 0)
+    fn(tmp, x, r, 1)
+    fn(x, tmp, r, 2)
+    return tmp
+
+
+class _LCC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fixed: Tensor, warped: Tensor, mask: Tensor | None, radius: int, eps: float) -> Tensor:  # type: ignore[override]
+        chunks()
+        b, c = warped.shape[:2]
+        shape = warped.shape[2:]
+        f = fixed.expand(b, *fixed.shape[1:]).reshape(b * c, *shape)
+        m = warped.reshape(b * c, *shape)
+        stats = torch.stack([f, m, f * f, m * m, f * m], dim=1)  # [N, 5, D, H, W]
+        flat = stats.view(-1, *shape).numpy()
+        tmp = np.empty_like(flat)
+        summed = _box(flat, tmp, radius, adjoint=False).reshape(stats.shape)
+        if mask is None:
+            mk, has_mask = np.ones((1, 1, 1, 1), dtype=flat.dtype), False
+        else:
+            mk = mask.to(warped.dtype).expand(b, c, *shape).reshape(b * c, *shape).contiguous().numpy() if mask.shape[0] > 1 or c > 1 else mask.to(warped.dtype).reshape(1, *shape).contiguous().numpy()
+            has_mask = True
+        rows = np.empty(b * c * shape[0], dtype=np.float64)
+        coef = torch.empty((b * c, 3, *shape), dtype=warped.dtype)
+        L.lcc_energy_terms(summed, mk, has_mask, float((2 * radius + 1) ** 3), float(eps), rows, coef.numpy())
+        ctx.save_for_backward(f, m, coef)
+        ctx.radius = radius
+        ctx.bc = (b, c)
+        return torch.from_numpy(rows.reshape(b, -1).sum(1)).to(warped.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        f, m, coef = ctx.saved_tensors
+        b, c = ctx.bc
+        shape = f.shape[1:]
+        spread = coef.clone()
+        flat = spread.view(-1, *shape).numpy()
+        tmp = np.empty_like(flat)
+        adj = torch.from_numpy(_box(flat, tmp, ctx.radius, adjoint=True)).view(coef.shape)
+        gm = f * adj[:, 0] + adj[:, 1] + 2.0 * m * adj[:, 2]
+        gm = gm.view(b, c, *shape) * grad.view(b, 1, 1, 1, 1)
+        return None, gm, None, None, None
+
+
+def lcc(fixed: Tensor, warped: Tensor, mask: Tensor | None, radius: int, eps: float = 1e-5) -> Tensor:
+    """LCC energy ``[B]`` (see :mod:`learnsim.kernels.lcc_numba`), differentiable w.r.t. ``warped`` only.
+
+    ``fixed`` ``[1 or B, C, D, H, W]`` (no gradient), ``warped`` ``[B, C, D, H, W]``, ``mask`` ``[1 or B, 1, ...]``.
+    """
+    return _LCC.apply(fixed.detach().contiguous(), warped.contiguous(), mask, int(radius), float(eps))
