@@ -8,6 +8,7 @@ window sums ``S_F, S_M, S_FF, S_MM, S_FM`` (separable box filters), ``cross = S_
 Gradient: with ``a = dE/dS_FM``, ``b = dE/dS_M``, ``c = dE/dS_MM`` per voxel (computed with the energy),
 ``dE/dM(y) = F(y) (W^T a)(y) + (W^T b)(y) + 2 M(y) (W^T c)(y)``, where ``W^T`` is the adjoint of the
 replicate-padded box sum: along each axis, the value at ``x`` is added to every ``clamp(x + k)``, ``|k| <= r``.
+The box sums themselves are :func:`learnsim.kernels.trilinear_numba.smooth_axis` with a window of ones.
 
 Arrays are ``[N, D, H, W]`` (``N`` = batch x channels); work is split over ``(N, D)`` or lines with ``prange``.
 """
@@ -16,45 +17,13 @@ from __future__ import annotations
 
 from numba import njit, prange
 
-__all__ = ["box_sum_axis", "box_adjoint_axis", "lcc_energy_terms"]
-
-
-@njit(parallel=True, cache=True)
-def box_sum_axis(src, dst, r, axis):
-    """``dst = sum_{|k| <= r} src[clamp(x + k)]`` along ``axis`` (0: D, 1: H, 2: W) of ``[N, D, H, W]``."""
-    nn_, nd, nh, nw = src.shape
-    for nz in prange(nn_ * nd):
-        n = nz // nd
-        z = nz % nd
-        if axis == 0:
-            for y in range(nh):
-                for x in range(nw):
-                    dst[n, z, y, x] = 0.0
-            for k in range(-r, r + 1):
-                zz = min(max(z + k, 0), nd - 1)
-                for y in range(nh):
-                    for x in range(nw):
-                        dst[n, z, y, x] += src[n, zz, y, x]
-        elif axis == 1:
-            for y in range(nh):
-                for x in range(nw):
-                    dst[n, z, y, x] = 0.0
-                for k in range(-r, r + 1):
-                    yy = min(max(y + k, 0), nh - 1)
-                    for x in range(nw):
-                        dst[n, z, y, x] += src[n, z, yy, x]
-        else:
-            for y in range(nh):
-                for x in range(nw):
-                    s = src[n, z, y, x] * 0.0
-                    for k in range(-r, r + 1):
-                        s += src[n, z, y, min(max(x + k, 0), nw - 1)]
-                    dst[n, z, y, x] = s
+__all__ = ["box_adjoint_axis", "lcc_energy_terms"]
 
 
 @njit(parallel=True, cache=True)
 def box_adjoint_axis(src, dst, r, axis):
-    """Adjoint of :func:`box_sum_axis`: ``dst[clamp(x + k)] += src[x]`` for ``|k| <= r`` (``dst`` overwritten)."""
+    """Adjoint of the replicate-padded box sum along ``axis`` (0: D, 1: H, 2: W) of ``[N, D, H, W]``:
+    ``dst[clamp(x + k)] += src[x]`` for ``|k| <= r`` (``dst`` overwritten)."""
     nn_, nd, nh, nw = src.shape
     if axis == 0:
         # lines along D: parallel over (n, y)

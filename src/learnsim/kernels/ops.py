@@ -212,10 +212,13 @@ def l2_gradient_energy(v: Tensor, w_reg: float) -> Tensor:
 
 def _box(x: np.ndarray, tmp: np.ndarray, r: int, adjoint: bool) -> np.ndarray:
     """Separable (2r+1)^3 box sum (or its adjoint) of ``[N, D, H, W]``; returns the array holding the result."""
-    fn = L.box_adjoint_axis if adjoint else L.box_sum_axis
-    fn(x, tmp, r, 0)
-    fn(tmp, x, r, 1)
-    fn(x, tmp, r, 2)
+    if adjoint:
+        for axis, (src, dst) in enumerate(((x, tmp), (tmp, x), (x, tmp))):
+            L.box_adjoint_axis(src, dst, r, axis)
+    else:
+        ones = np.ones(2 * r + 1, dtype=x.dtype)
+        for axis, (src, dst) in enumerate(((x, tmp), (tmp, x), (x, tmp))):
+            K.smooth_axis(src, dst, ones, axis)
     return tmp
 
 
