@@ -8,6 +8,11 @@ estimated with one antithetic pair of reparameterised samples per step, where ``
 (identity backward), ``R`` the L2 gradient regulariser and ``H`` the low-rank Gaussian entropy. Adam runs
 ``no_iters`` steps (1024 for SSD, 1344 for LCC in the original).
 
+Coarse-to-fine (:meth:`VariationalRegistration.fit_levels`, ``levels > 1``): the same loss is minimised on an
+image pyramid (:mod:`learnsim.pyramid`), coarsest first, each level's q_v transferred to the next finer grid as
+its starting guess (:func:`learnsim.pyramid.upsample_q_v`), with per-level iterations and learning rates.
+``levels = 1`` is exactly :meth:`VariationalRegistration.fit` (the paper's single-resolution schedule).
+
 No Lightning here: :class:`VariationalRegistration` is used by the training module, the test CLI and
 :func:`learnsim.api.register` alike.
 """
@@ -25,13 +30,54 @@ from torch import Tensor
 from learnsim.distributions import Generators, LowRankParams, antithetic_samples, init_q_v, rand
 from learnsim.energies import RegLossL2
 from learnsim.metric import SimilarityMetric
+from learnsim.pyramid import Pyramid, upsample_q_v
 from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import warp
 from learnsim.transformation import SVF
 
-__all__ = ["VariationalRegistration", "FitResult"]
+__all__ = ["VariationalRegistration", "FitResult", "LevelSchedule"]
 
 ProgressFn = Callable[[int, Tensor], None]
+#: ``on_level(level, no_levels, shape, no_iters)`` before each level of :meth:`VariationalRegistration.fit_levels`
+LevelFn = Callable[[int, int, tuple[int, ...], int], None]
+
+
+@dataclass(frozen=True)
+class LevelSchedule:
+    """Per-level q_v schedule, coarsest level first.
+
+    Attributes:
+        iters: Adam steps per level (``len == levels``).
+        lr: Adam learning rate per level (``len == levels``).
+    """
+
+    iters: tuple[int, ...]
+    lr: tuple[float, ...]
+
+    @property
+    def levels(self) -> int:
+        return len(self.iters)
+
+    @staticmethod
+    def make(levels: int, no_iters: int, lr: float, level_iters: Sequence[int] | None = None,
+             level_lr: Sequence[float] | None = None) -> LevelSchedule:
+        """``levels`` levels; ``level_iters`` / ``level_lr`` (coarsest first) default to ``no_iters`` / ``lr`` at every level.
+
+        Raises:
+            ValueError: naming the key for a bad number of levels, a list of the wrong length or a bad value.
+        """
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+            raise ValueError(f"q_v.levels must be an integer >= 1; got {levels!r}")
+        iters = tuple(level_iters) if level_iters is not None else (int(no_iters),) * levels
+        lrs = tuple(level_lr) if level_lr is not None else (float(lr),) * levels
+        for key, vals in (("level_iters", iters), ("level_lr", lrs)):
+            if len(vals) != levels:
+                raise ValueError(f"q_v.{key} must list one value per level ({levels}), coarsest first; got {list(vals)}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in iters) or iters[-1] < 1:
+            raise ValueError(f"q_v.level_iters must be integers >= 0 (>= 1 at the finest level); got {list(iters)}")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lrs):
+            raise ValueError(f"q_v.level_lr must be numbers > 0; got {list(lrs)}")
+        return LevelSchedule(tuple(int(n) for n in iters), tuple(float(x) for x in lrs))
 
 
 @dataclass
@@ -65,6 +111,9 @@ class VariationalRegistration:
         uniform_noise: magnitude ``a`` of the U(-a, a) voxel noise added to the sampling coordinates after
             integration while *training* (0 disables); never used at test time.
         amp: run the energies in bf16 autocast on CUDA (parameters and integration stay fp32).
+        levels: pyramid levels used by :meth:`fit_levels` (1: the single-level :meth:`fit`).
+        level_iters, level_lr: per-level Adam steps and learning rates of :meth:`fit_levels`, coarsest first
+            (None: ``no_iters`` / ``lr`` at every level). :meth:`fit` itself always runs one level.
     """
 
     def __init__(
@@ -80,6 +129,9 @@ class VariationalRegistration:
         rank: int = 1,
         uniform_noise: float = 0.1,
         amp: bool = False,
+        levels: int = 1,
+        level_iters: Sequence[int] | None = None,
+        level_lr: Sequence[float] | None = None,
     ) -> None:
         self.metric = metric
         self.transformation = transformation
@@ -92,6 +144,7 @@ class VariationalRegistration:
         self.rank = int(rank)
         self.uniform_noise = float(uniform_noise)
         self.amp = bool(amp)
+        self.schedule = LevelSchedule.make(levels, self.no_iters, self.lr, level_iters, level_lr)
 
     # ------------------------------------------------------------------------------------------------ q_v
     def init_params(self, batch: int, shape: Sequence[int], device: torch.device | None = None) -> LowRankParams:
@@ -166,8 +219,9 @@ class VariationalRegistration:
         progress: ProgressFn | None = None,
         log_every: int = 0,
         generator: Generators = None,
+        lr: float | None = None,
     ) -> FitResult:
-        """Fit q_v for a batch of pairs with the metric frozen.
+        """Fit q_v for a batch of pairs with the metric frozen (one level: the images' own grid).
 
         Args:
             fixed: ``[1 or B, 1, D, H, W]`` fixed image(s) in [0, 1].
@@ -181,6 +235,7 @@ class VariationalRegistration:
                 reset: every batch of pairs starts Adam from scratch, as in the original.
             progress: called as ``progress(iteration, loss_per_pair)`` every ``log_every`` iterations; the
                 loss is a device tensor (no host sync unless the callback reads it).
+            lr: overrides ``self.lr`` (also on a passed ``optimizer``, whose learning rate it sets).
         Returns:
             :class:`FitResult` with detached parameters.
         """
@@ -196,10 +251,13 @@ class VariationalRegistration:
         q = LowRankParams(*leaves)
         if optimizer is None:
             # fused: one pass per parameter for the whole update (8x faster than foreach on a busy 2-core CPU)
-            optimizer = torch.optim.Adam(leaves, lr=self.lr, fused=leaves[0].device.type in ("cpu", "cuda"))
+            optimizer = torch.optim.Adam(leaves, lr=self.lr if lr is None else float(lr),
+                                         fused=leaves[0].device.type in ("cpu", "cuda"))
         else:
             optimizer.param_groups[0]["params"] = leaves
             optimizer.state.clear()
+            if lr is not None:
+                optimizer.param_groups[0]["lr"] = float(lr)
         # the metric is frozen here: a(F) once, and no gradients into the metric's weights
         was_training = self.metric.training
         self.metric.eval()
@@ -230,6 +288,82 @@ class VariationalRegistration:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return FitResult(q.detach(), loss.detach(), time.perf_counter() - start, history)
+
+    def fit_levels(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        mask: Tensor | None = None,
+        params: LowRankParams | None = None,
+        schedule: LevelSchedule | None = None,
+        training: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        progress: ProgressFn | None = None,
+        log_every: int = 0,
+        generator: Generators = None,
+        on_level: LevelFn | None = None,
+    ) -> FitResult:
+        """Coarse-to-fine q_v fit on an image pyramid (:mod:`learnsim.pyramid`); ``levels = 1`` is :meth:`fit`.
+
+        Level ``l`` (0: coarsest, ``2^(L-1-l)`` times coarser than the images) runs ``schedule.iters[l]`` Adam steps
+        at ``schedule.lr[l]`` (fresh Adam state per level) from the previous level's q_v transferred by
+        :func:`~learnsim.pyramid.upsample_q_v`. The coarsest level starts from the initialisation expressed in the
+        finest grid's voxels (``sigma_init`` and ``u_init`` divided by the coarsest level's voxel size in fine
+        voxels): the same initial q_v in mm as a single-level fit. The last level is the images' grid.
+
+        Args:
+            fixed, moving, mask, training, optimizer, generator: as :meth:`fit` (full-resolution tensors).
+            params: warm start on the **full** grid: then only the finest level runs (a stored q_v already holds the
+                coarse information); None: start from the initialisation on the coarsest grid.
+            schedule: per-level iterations and learning rates (default: ``self.schedule``).
+            progress: ``progress(iteration, loss_per_pair)`` with the iteration counted across all levels.
+            on_level: called as ``on_level(level, no_levels, shape, no_iters)`` before each level runs.
+        Returns:
+            :class:`FitResult` on the full grid; ``history`` counts iterations across levels, ``seconds`` covers
+            all levels (pyramid included).
+        """
+        sched = self.schedule if schedule is None else schedule
+        if sched.levels == 1 or params is not None:
+            n, rate = sched.iters[-1], sched.lr[-1]
+            if on_level is not None:
+                on_level(sched.levels - 1, sched.levels, tuple(moving.shape[2:]), n)
+            return self.fit(fixed, moving, mask, params, n, training, optimizer, progress, log_every, generator, lr=rate)
+        if type(self.transformation).param_shape is not SVF.param_shape:
+            raise ValueError("q_v.levels > 1 needs a dense SVF transformation (transformation=svf)")
+        if moving.dim() != 5 or moving.shape[1] != 1:
+            raise ValueError(f"fit_levels: moving must be [B, 1, D, H, W]; got {tuple(moving.shape)}")
+        start = time.perf_counter()
+        pyr = Pyramid(fixed, moving, mask, sched.levels)
+        history: list[tuple[int, Tensor]] = []
+        done = 0
+        q: LowRankParams | None = None
+        fit: FitResult | None = None
+        for level, shape in enumerate(pyr.shapes):
+            if q is None:
+                q = self._coarse_init(moving.shape[0], shape, tuple(moving.shape[2:]), moving.device)
+            else:
+                q = upsample_q_v(q, shape)
+            n = sched.iters[level]
+            if on_level is not None:
+                on_level(level, sched.levels, tuple(shape), n)
+
+            def shifted(it: int, loss: Tensor, offset: int = done) -> None:
+                if progress is not None:
+                    progress(offset + it, loss)
+
+            f, m, k = pyr.level(level)
+            fit = self.fit(f, m, k, q, n, training, optimizer, shifted, log_every, generator, lr=sched.lr[level])
+            history += [(done + it, loss) for it, loss in fit.history]
+            q = fit.params
+            done += n
+        assert fit is not None
+        return FitResult(fit.params, fit.loss, time.perf_counter() - start, history)
+
+    def _coarse_init(self, batch: int, shape: Sequence[int], fine: Sequence[int], device: torch.device) -> LowRankParams:
+        """:meth:`init_params` on the coarse grid ``shape``, scaled so that it is the same q_v in mm as on ``fine``."""
+        p = self.init_params(batch, shape, device)
+        s = torch.tensor([f / c for f, c in zip(fine, shape, strict=True)], device=device).view(1, 3, 1, 1, 1)
+        return LowRankParams(p.loc, p.log_var - 2 * torch.log(s), p.u / s.unsqueeze(1))
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
