@@ -178,3 +178,38 @@ def test_q_v_config_levels_default_and_experiments_unchanged():
             cfg = compose("train", overrides=[f"+experiment={exp}"])
             assert cfg.q_v.levels == 1 and cfg.q_v.no_iters == iters
             assert cfg.q_v.level_iters is None and cfg.q_v.level_lr is None
+
+
+def test_register_defaults_and_cli_overrides_compose():
+    from learnsim.api import REGISTER_DEFAULTS, register_schedule
+    from learnsim.cli.register import _parse_overrides
+
+    for energy in ("ssd", "lcc"):
+        d = REGISTER_DEFAULTS[energy]
+        assert register_schedule(energy) == LevelSchedule(tuple(d["level_iters"]), tuple(d["level_lr"]))
+    assert register_schedule("ssd", no_iters=1024) == LevelSchedule((1024,), (0.01,))  # the paper's schedule
+    assert register_schedule("lcc", levels=1) == LevelSchedule((1344,), (0.02,))
+    kw = _parse_overrides(["levels=2", "level_iters=[20,10]", "level_lr=0.1,0.05"])
+    assert kw == {"levels": 2, "level_iters": [20, 10], "level_lr": [0.1, 0.05]}
+    assert register_schedule("ssd", **kw) == LevelSchedule((20, 10), (0.1, 0.05))
+
+
+def test_register_cli_summary_line(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from learnsim.cli.register import main
+
+    x = np.stack(np.meshgrid(*[np.arange(16, dtype=np.float32)] * 3, indexing="ij"))
+    blob = lambda c: np.exp(-(((x - np.reshape(c, (3, 1, 1, 1))) / 3.0) ** 2).sum(0) / 2).astype(np.float32)  # noqa: E731
+    paths = {}
+    for name, arr in (("f", blob((8, 8, 8))), ("m", blob((9, 7, 8))), ("fs", (blob((8, 8, 8)) > 0.5) * 17),
+                      ("ms", (blob((9, 7, 8)) > 0.5) * 17)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr.astype(np.float32 if name in "fm" else np.int16), np.eye(4)), paths[name])
+    main([str(paths["f"]), str(paths["m"]), "--out", str(tmp_path / "o"), "--seg", str(paths["ms"]), "--fixed-seg",
+          str(paths["fs"]), "--no-figures", "level_iters=6,4,3", "no_steps=4", "no_samples=2"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("learnsim-register: DSC 0.") and "folding voxels" in line and line.endswith(" s")
+    info = __import__("json").loads((tmp_path / "o" / "registration.json").read_text())
+    assert info["q_v_levels"] == [6, 4, 3] and info["dsc_after"] >= info["dsc_before"] - 0.05

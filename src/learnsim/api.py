@@ -15,18 +15,66 @@ from torch import Tensor
 from learnsim.energies import RegLossL2
 from learnsim.evaluation.uncertainty import displacement_std_mm
 from learnsim.metric import SimilarityMetric, build_metric
-from learnsim.registration import FitResult, VariationalRegistration
+from learnsim.registration import FitResult, LevelSchedule, VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
 from learnsim.transformation import SVF, SVFFD
 
-__all__ = ["load_metric", "load_checkpoint", "checkpoint_settings", "register", "RegistrationOutput", "DEFAULTS", "resolve_device"]
+__all__ = ["load_metric", "load_checkpoint", "checkpoint_settings", "register", "RegistrationOutput", "DEFAULTS",
+           "REGISTER_DEFAULTS", "register_schedule", "resolve_device"]
 
 # The original code's per-metric settings (SPEC section 3-4)
 DEFAULTS: dict[str, dict[str, float]] = {
     "ssd": {"w_reg": 1.8, "lr": 0.01, "no_iters": 1024},
     "lcc": {"w_reg": 2.8, "lr": 0.02, "no_iters": 1344},
 }
+
+# What learnsim.register / learnsim-register use when the caller says nothing (chosen by measurement on the demo
+# test pairs: README, "Defaults of learnsim-register"). ``data_weight`` applies to the baselines only (a learnt
+# metric keeps its own weight); ``level_iters`` / ``level_lr`` are coarsest level first.
+REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ssd": {"levels": 3, "level_iters": (200, 100, 50), "level_lr": (0.05, 0.05, 0.05), "data_weight": 100.0},
+    "lcc": {"levels": 3, "level_iters": (200, 100, 50), "level_lr": (0.05, 0.05, 0.05), "data_weight": 10.0},
+}
+REGISTER_HISTMATCH = True
+
+
+def register_schedule(
+    energy: str,
+    levels: int | None = None,
+    no_iters: int | None = None,
+    lr: float | None = None,
+    level_iters: Any = None,
+    level_lr: Any = None,
+) -> LevelSchedule:
+    """The q_v schedule :func:`register` runs for a metric's energy (``"ssd"`` or ``"lcc"``) and the caller's settings.
+
+    * nothing given: :data:`REGISTER_DEFAULTS` (coarse-to-fine);
+    * ``no_iters`` without ``levels`` / ``level_iters``: one level of ``no_iters`` steps (the paper's schedule);
+    * ``levels`` without ``level_iters``: the default finest-level steps, doubled at each coarser level (``levels=1``
+      with no ``no_iters``: the paper's :data:`DEFAULTS`);
+    * ``lr`` sets every level's rate unless ``level_lr`` is given.
+    """
+    d, paper = REGISTER_DEFAULTS[energy], DEFAULTS[energy]
+    if level_iters is not None:
+        level_iters = [int(n) for n in level_iters]
+        levels = len(level_iters) if levels is None else levels
+    elif levels is None and no_iters is not None:
+        levels = 1
+    levels = int(d["levels"]) if levels is None else levels
+    if level_iters is None:
+        if levels == 1:
+            level_iters = [int(paper["no_iters"] if no_iters is None else no_iters)]
+        elif levels == d["levels"] and no_iters is None:
+            level_iters = list(d["level_iters"])
+        else:
+            finest = int(d["level_iters"][-1] if no_iters is None else no_iters)
+            level_iters = [finest * 2 ** (levels - 1 - i) for i in range(levels)]
+    if level_lr is None:
+        base = lr if lr is not None else (paper["lr"] if levels == 1 else None)
+        level_lr = [float(base)] * levels if base is not None else (
+            list(d["level_lr"]) if levels == d["levels"] else [float(d["level_lr"][-1])] * levels)
+    return LevelSchedule.make(levels, level_iters[-1] if level_iters else 1, 1.0, level_iters, [float(x) for x in level_lr])
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -206,7 +254,10 @@ def register(
     lr: float | None = None,
     w_reg: float | None = None,
     data_weight: float | None = None,
-    histmatch: bool = False,
+    histmatch: bool = REGISTER_HISTMATCH,
+    levels: int | None = None,
+    level_iters: Any = None,
+    level_lr: Any = None,
     sigma_init: float = 0.5,
     u_init: float = 0.1,
     rank: int = 1,
@@ -217,6 +268,7 @@ def register(
     device: str | torch.device = "auto",
     seed: int = 0,
     progress: Any = None,
+    on_level: Any = None,
 ) -> RegistrationOutput:
     """Register ``moving`` to ``fixed`` by fitting q_v, and draw ``no_samples`` transformations from it.
 
@@ -232,12 +284,19 @@ def register(
         fixed_mask: energies are summed inside it (all voxels if None).
         affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths.
         transformation: ``"svf"`` or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
-        no_iters, lr, w_reg: default to the original settings of the metric's energy (SSD: 1024, 0.01, 1.8;
-            LCC: 1344, 0.02, 2.8).
-        data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``; None keeps the
-            metric's own, 1 for the baselines as in the paper; the README's "Energy scales" says when to raise it).
+        levels, level_iters, level_lr: the coarse-to-fine schedule (:meth:`VariationalRegistration.fit_levels`;
+            lists coarsest level first); resolved by :func:`register_schedule`: nothing given is
+            :data:`REGISTER_DEFAULTS` (3 levels, 200/100/50 steps); ``no_iters`` alone is one level of that many
+            steps (the paper's schedule with ``no_iters=1024`` / ``1344``).
+        no_iters, lr: see above; ``lr`` sets every level's learning rate.
+        w_reg: defaults to the original setting of the metric's energy (SSD 1.8, LCC 2.8).
+        data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``). None: for the
+            ``"ssd"`` / ``"lcc"`` baselines :data:`REGISTER_DEFAULTS` (SSD 100, LCC 10: README, "Defaults of
+            learnsim-register"), a learnt metric keeps its own.
         histmatch: match the moving image's histogram (inside its non-zero voxels) to the fixed image's (inside
-            ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`).
+            ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`); on by default.
+        progress: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels).
+        on_level: ``on_level(level, no_levels, shape, no_iters)`` before each level.
     """
     _check_settings(no_iters=no_iters, no_steps=no_steps, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
                     lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
@@ -250,6 +309,8 @@ def register(
         metric = load_metric(metric)
     if isinstance(metric, str):
         metric = build_metric(metric)
+        if data_weight is None:
+            data_weight = float(REGISTER_DEFAULTS["lcc" if "lcc" in metric.spec["kind"] else "ssd"]["data_weight"])
     if data_weight is not None:
         if not data_weight > 0:
             raise ValueError(f"data_weight must be > 0; got {data_weight}")
@@ -258,6 +319,9 @@ def register(
         metric.spec["weight"] = float(data_weight)
     energy = "lcc" if "lcc" in metric.spec["kind"] else "ssd"
     defaults = DEFAULTS[energy]
+    schedule = register_schedule(energy, levels, no_iters, lr, level_iters, level_lr)
+    if schedule.levels > 1 and transformation != "svf":
+        raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
 
     seg_t = mask_t = None
     if isinstance(fixed, Tensor) and isinstance(moving, Tensor):
@@ -324,16 +388,19 @@ def register(
         tr,
         RegLossL2(defaults["w_reg"] if w_reg is None else w_reg),
         SobolevSmoother(sobolev, sobolev_s, sobolev_lambda).to(dev),
-        no_iters=int(defaults["no_iters"] if no_iters is None else no_iters),
-        lr=defaults["lr"] if lr is None else lr,
+        no_iters=schedule.iters[-1],
+        lr=schedule.lr[-1],
         sigma_init=sigma_init,
         u_init=u_init,
         rank=rank,
         uniform_noise=0.0,
+        levels=schedule.levels,
+        level_iters=schedule.iters,
+        level_lr=schedule.lr,
     )
     fixed_t, moving_t = fixed_t.to(dev), moving_t.to(dev)
     mask_t = mask_t.to(dev) if mask_t is not None else None
-    fit = reg.fit(fixed_t, moving_t, mask_t, progress=progress, log_every=32 if progress else 0)
+    fit = reg.fit_levels(fixed_t, moving_t, mask_t, progress=progress, log_every=4 if progress else 0, on_level=on_level)
     shape = fixed_t.shape[2:]
     disp = reg.mean_displacement(fit.params, shape)
     samples = reg.sample_displacements(fit.params, shape, max(no_samples, 0)) if no_samples > 0 else disp[None]

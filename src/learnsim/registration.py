@@ -35,7 +35,7 @@ from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import warp
 from learnsim.transformation import SVF
 
-__all__ = ["VariationalRegistration", "FitResult", "LevelSchedule"]
+__all__ = ["VariationalRegistration", "FitResult", "LevelSchedule", "FitProgress"]
 
 ProgressFn = Callable[[int, Tensor], None]
 #: ``on_level(level, no_levels, shape, no_iters)`` before each level of :meth:`VariationalRegistration.fit_levels`
@@ -95,6 +95,45 @@ class FitResult:
     loss: Tensor
     seconds: float
     history: list[tuple[int, Tensor]] = field(default_factory=list)
+
+
+class FitProgress:
+    """A terminal progress bar of q_v iterations across levels: ``q_v level 2/3 32x32x32 | 150/350 | loss=...``.
+
+    Pass the instance as ``progress`` and its :meth:`on_level` as ``on_level`` of
+    :meth:`VariationalRegistration.fit_levels` (or :func:`learnsim.register`). The bar is drawn on stderr only
+    when it is a terminal (``disable=None``; tqdm's rule), so logs and pipes stay clean.
+
+    Args:
+        total: iterations over all levels (``sum(schedule.iters)``).
+        desc: prefix of the bar (e.g. the pair's name).
+        disable: True never draws, False always, None only on a terminal.
+    """
+
+    def __init__(self, total: int, desc: str = "q_v", disable: bool | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        self.desc = desc
+        self.bar = tqdm(total=int(total), desc=desc, leave=False, dynamic_ncols=True, disable=disable, unit="it")
+
+    def on_level(self, level: int, no_levels: int, shape: tuple[int, ...], no_iters: int) -> None:
+        self.bar.set_description(f"{self.desc} level {level + 1}/{no_levels} {'x'.join(map(str, shape))}", refresh=False)
+
+    def __call__(self, iteration: int, loss: Tensor) -> None:
+        if self.bar.disable:
+            return
+        self.bar.n = iteration + 1
+        self.bar.set_postfix(loss=f"{float(loss.float().mean()):.5g}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> FitProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class VariationalRegistration:

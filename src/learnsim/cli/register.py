@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from learnsim.api import checkpoint_settings, load_checkpoint, register
+from learnsim.api import checkpoint_settings, load_checkpoint, register, register_schedule
 from learnsim.io import save_nifti
 
 # overrides accepted as key=value (the keyword arguments of learnsim.register)
 _OVERRIDABLE = {
     name: p.default
     for name, p in inspect.signature(register).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("moving_seg", "fixed_mask", "affine", "progress")
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("moving_seg", "fixed_mask", "affine", "progress", "on_level")
 }
 
 
@@ -73,7 +73,10 @@ def _parse_overrides(items: list[str]) -> dict:
                 if value.lower() not in _TRUE + _FALSE:
                     raise ValueError("expected true or false")
                 out[key] = value.lower() in _TRUE
-            elif isinstance(default, int) or key == "no_iters":
+            elif key in ("level_iters", "level_lr"):
+                cast = int if key == "level_iters" else float
+                out[key] = [cast(v) for v in value.strip("[]()").split(",") if v.strip()]
+            elif isinstance(default, int) or key in ("no_iters", "levels"):
                 out[key] = int(value)
             elif isinstance(default, float) or key in ("lr", "w_reg", "data_weight"):
                 out[key] = float(value)
@@ -109,6 +112,38 @@ def _write_figures(stage: Path, args: argparse.Namespace, res, histmatch: bool) 
                       moving_seg=pm.seg, title=f"{name} ({args.metric})")
         written.append("label_overlay.png")
     return written
+
+
+def summary_line(args: argparse.Namespace, res, seconds: float) -> tuple[str, dict]:
+    """The one-line summary printed at the end, and its numbers: DSC before/after (with ``--seg`` and
+    ``--fixed-seg``: mean over the fixed segmentation's labels, on the result grid), folding voxels of the mean
+    transformation, seconds."""
+    import torch
+
+    from learnsim.evaluation.metrics import jacobian_stats, mean_dice
+
+    numbers: dict = {"folding_voxels": int(jacobian_stats(res.disp)["folding_voxels"]), "seconds": round(seconds, 2)}
+    parts = []
+    if args.seg and args.fixed_seg and res.warped_seg is not None:
+        from learnsim.data.preprocess import Grid, Volume, preprocess
+
+        grid = Grid(tuple(res.warped.shape[2:]), res.affine)
+        fixed_seg = preprocess(Volume.load(args.fixed), grid, seg=Volume.load(args.fixed_seg)).seg
+        moving_seg = preprocess(Volume.load(args.moving), grid, seg=Volume.load(args.seg), apply_mask=False).seg
+        target = torch.from_numpy(np.asarray(fixed_seg, dtype=np.int64))
+        numbers["dsc_before"] = float(mean_dice(torch.from_numpy(np.asarray(moving_seg, dtype=np.int64)), target))
+        numbers["dsc_after"] = float(mean_dice(res.warped_seg[0, 0].long(), target))
+        parts.append(f"DSC {numbers['dsc_before']:.3f} -> {numbers['dsc_after']:.3f}")
+    parts += [f"{numbers['folding_voxels']} folding voxels", f"{seconds:.1f} s"]
+    return "learnsim-register: " + ", ".join(parts), numbers
+
+
+def _energy(metric: str) -> str:
+    """``"ssd"`` or ``"lcc"``: the energy of ``--metric`` (a checkpoint's spec says it)."""
+    if str(metric).endswith(".ckpt"):
+        spec = (load_checkpoint(metric).get("hyper_parameters") or {}).get("metric_spec") or {}
+        return "lcc" if "lcc" in str(spec.get("kind", "")) else "ssd"
+    return "lcc" if "lcc" in str(metric) else "ssd"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +191,15 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"learnsim-register: {key}={value} from the checkpoint's training run")
         del ckpt
 
+    from learnsim.registration import FitProgress
+
     start = time.perf_counter()
     try:
-        res = register(args.fixed, args.moving, args.metric, moving_seg=args.seg, fixed_mask=args.fixed_mask, **kwargs)
+        sched = register_schedule(_energy(args.metric), kwargs.get("levels"), kwargs.get("no_iters"), kwargs.get("lr"),
+                                  kwargs.get("level_iters"), kwargs.get("level_lr"))
+        with FitProgress(sum(sched.iters), desc="q_v") as bar:
+            res = register(args.fixed, args.moving, args.metric, moving_seg=args.seg, fixed_mask=args.fixed_mask,
+                           progress=bar, on_level=bar.on_level, **kwargs)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise SystemExit(f"learnsim-register: {exc}") from exc
     for note in res.notes:
@@ -179,7 +220,10 @@ def _main(argv: list[str] | None = None) -> int:
             "overrides": {k: v for k, v in kwargs.items()}, "notes": res.notes,
             "final_loss": float(res.fit.loss.mean()), "fit_seconds": res.fit.seconds,
             "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
+            "q_v_levels": list(sched.iters), "q_v_level_lr": list(sched.lr),
         }
+        line, numbers = summary_line(args, res, time.perf_counter() - start)
+        info.update(numbers)
         if not args.no_figures:
             info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
         (stage / "registration.json").write_text(json.dumps(info, indent=2, default=str))
@@ -196,6 +240,7 @@ def _main(argv: list[str] | None = None) -> int:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     print(f"learnsim-register: wrote {out} (fit {res.fit.seconds:.1f} s)")
+    print(line)
     return 0
 
 

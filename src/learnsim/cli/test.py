@@ -26,7 +26,7 @@ from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import render_help, wants_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.evaluation.evaluator import Evaluator
-from learnsim.registration import VariationalRegistration
+from learnsim.registration import FitProgress, VariationalRegistration
 
 log = logging.getLogger("learnsim.test")
 
@@ -133,6 +133,9 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         rank=cfg.q_v.rank,
         uniform_noise=0.0,  # never at test time
         amp=cfg.amp,
+        levels=int(cfg.q_v.get("levels", 1)),
+        level_iters=None if cfg.q_v.get("level_iters") is None else [int(n) for n in cfg.q_v.level_iters],
+        level_lr=None if cfg.q_v.get("level_lr") is None else [float(x) for x in cfg.q_v.level_lr],
     )
     evaluator = Evaluator(
         out_dir, save_nifti=cfg.save_nifti, figures=cfg.figures, seed=cfg.seed, metric_samples=cfg.no_samples,
@@ -154,7 +157,9 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             extra = {}
         else:
             t0 = time.perf_counter()
-            fit = registration.fit(fixed, moving, mask, training=False)
+            with FitProgress(sum(registration.schedule.iters), desc=f"q_v {batch['pair_id'][0]}") as bar:
+                fit = registration.fit_levels(fixed, moving, mask, training=False, progress=bar, log_every=4,
+                                              on_level=bar.on_level)
             mean_disp = registration.mean_displacement(fit.params, shape)
             samples = registration.sample_displacements(fit.params, shape, n_draw)
             if device.type == "cuda":
@@ -174,10 +179,29 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "pair"))
     summary = evaluator.finalize()
     summary["notes"] = notes
+    print(summary_line(summary))
     (out_dir / "config.json").write_text(json.dumps(to_container(cfg), indent=2, default=str))
     _log_to_wandb(cfg, out_dir, summary)
     print(f"learnsim-test: results in {out_dir}")
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """One line from an evaluation summary: mean DSC before -> after registration, folding voxels, seconds per pair."""
+    def mean(d: dict | None) -> float | None:
+        return None if not d else d.get("mean")
+
+    parts = [f"{summary.get('n_pairs', 0)} pairs"]
+    before, after = mean(summary.get("before_registration", {}).get("dsc")), mean(summary.get("overall", {}).get("dsc"))
+    if after is not None and after == after:
+        parts.append(f"DSC {before:.3f} -> {after:.3f}" if before is not None and before == before else f"DSC {after:.3f}")
+    fold = summary.get("folding_voxels") or {}
+    if fold.get("mean") is not None:
+        parts.append(f"{fold['mean']:.1f} folding voxels per pair")
+    sec = summary.get("seconds") or {}
+    if sec.get("mean") is not None:
+        parts.append(f"{sec['mean']:.1f} s per pair")
+    return "learnsim-test: " + ", ".join(parts)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="test")
@@ -191,6 +215,8 @@ HELP_KEYS = [
     ("paths.data_dir", "folder with test.csv (and val.csv for split=val)"),
     ("data.dims", "grid the volumes are resampled to, [D,H,W]; match the training run"),
     ("q_v.no_iters", "q_v iterations per test pair (paper: 1024)"),
+    ("q_v", "q_v=c2f: coarse-to-fine (3 levels, 200/100/50 iterations); default: one level (the paper's)"),
+    ("q_v.levels", "pyramid levels (1: single level); q_v.level_iters / q_v.level_lr per level, coarsest first"),
     ("no_samples", "posterior samples per pair for DSC / ASD / HD95"),
     ("no_samples_uncertainty", "posterior samples per pair for the uncertainty map"),
     ("split", "test or val"),
