@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from learnsim.distributed import ManualSyncDDPStrategy, average_gradients
 from learnsim.energies import RegLossL2
 from learnsim.evaluation.metrics import mean_dice
+from learnsim.fast_integration import integrate_fast
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.spatial import integrate_svf, warp, warp_labels
 
@@ -62,12 +63,17 @@ class VoxelMorphNet(nn.Module):
     predicted on the half-resolution grid, then up-sampled trilinearly to full resolution and multiplied by 2
     (its units are voxels of the grid it lives on).
 
+    With ``int_downsize = f > 1`` the velocity is integrated on a grid ``f`` times coarser and the displacement
+    resampled back (VoxelMorph's ``int_downsize``; :func:`learnsim.fast_integration.integrate_fast`): with
+    ``half_res`` and ``f = 2`` the integration runs on the grid the velocity was predicted on.
+
     Args:
         enc_features: encoder widths ([16, 32, 32, 32]).
         dec_features: decoder widths ([32, 32, 32, 32, 32, 16, 16]); at least ``len(enc_features)`` entries.
         half_res: predict the velocity at half resolution.
         no_steps: squarings of the scaling-and-squaring integration (12 in the original); 0 returns ``v`` as the
             displacement.
+        int_downsize: integration grid coarsening factor (1: the image grid).
         negative_slope: LeakyReLU slope.
         in_channels: channels of ``cat(moving, fixed)`` (2).
 
@@ -83,8 +89,12 @@ class VoxelMorphNet(nn.Module):
         no_steps: int = 12,
         negative_slope: float = 0.2,
         in_channels: int = 2,
+        int_downsize: int = 1,
     ) -> None:
         super().__init__()
+        if int(int_downsize) < 1:
+            raise ValueError(f"VoxelMorphNet: int_downsize must be >= 1; got {int_downsize}")
+        self.int_downsize = int(int_downsize)
         enc = [int(c) for c in enc_features]
         dec = [int(c) for c in dec_features]
         if not enc or min(enc) < 1:
@@ -136,6 +146,7 @@ class VoxelMorphNet(nn.Module):
             "no_steps": self.no_steps,
             "negative_slope": self.negative_slope,
             "in_channels": self.in_channels,
+            "int_downsize": self.int_downsize,
         }
 
     @property
@@ -192,7 +203,9 @@ class VoxelMorphNet(nn.Module):
         return v
 
     def integrate(self, v: Tensor) -> Tensor:
-        """Displacement ``[B, 3, D, H, W]`` (voxels) of ``exp(v)``."""
+        """Displacement ``[B, 3, D, H, W]`` (voxels) of ``exp(v)`` (integrated ``int_downsize`` times coarser)."""
+        if self.int_downsize > 1:
+            return integrate_fast(v, self.no_steps, self.int_downsize)
         return integrate_svf(v, self.no_steps)
 
     def forward(self, moving: Tensor, fixed: Tensor) -> tuple[Tensor, Tensor]:

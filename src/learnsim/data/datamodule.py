@@ -5,6 +5,10 @@ Sharding: the module keeps per-pair q_v state on the rank that owns the pair, so
 are padded by repeating pairs, so with several ranks a pair may be seen twice per epoch: key per-pair results by
 ``index``). Run the Trainer with ``use_distributed_sampler=False``. On one process this is a plain (shuffled)
 loader.
+
+``on_the_fly=True`` (for VoxelMorph, which has no per-pair state) replaces the fixed training pairs by a seeded
+stream of fresh pseudo-subjects of the training subjects (:class:`learnsim.data.synthetic_pairs.SyntheticPairs`,
+``items_per_epoch`` a rank and epoch); validation and test pairs stay the files of their lists.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from learnsim.data.dataset import PairDataset
+from learnsim.data.synthetic_pairs import StreamSampler, SyntheticPairs
 from learnsim.distributed import RankShardSampler
 
 __all__ = ["PairDataModule"]
@@ -32,6 +37,11 @@ class PairDataModule(pl.LightningDataModule):
 
     Validation and test loaders use batch size 1 and keep the CSV order; the train loader shuffles if ``shuffle``.
     ``intensity`` (``"minmax"`` or ``"histmatch"``) is passed to :class:`~learnsim.data.dataset.PairDataset`.
+
+    On-the-fly training pairs (``on_the_fly=True``): the train loader draws ``items_per_epoch`` new pairs per epoch
+    from :class:`~learnsim.data.synthetic_pairs.SyntheticPairs` (seeded by ``seed``; ``noise_std`` its Gaussian
+    noise), never from a moving image of the validation or test list (checked at setup). Not for the variational
+    method, whose per-pair q_v state needs the same pairs every epoch.
     """
 
     def __init__(
@@ -46,8 +56,16 @@ class PairDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         intensity: str = "minmax",
+        on_the_fly: bool = False,
+        items_per_epoch: int = 64,
+        noise_std: float = 0.01,
     ):
         super().__init__()
+        self.on_the_fly = bool(on_the_fly)
+        self.items_per_epoch = int(items_per_epoch)
+        self.noise_std = float(noise_std)
+        if self.on_the_fly and self.items_per_epoch < 1:
+            raise ValueError(f"PairDataModule: items_per_epoch must be >= 1; got {items_per_epoch}")
         self.intensity = str(intensity)
         self.train_csv = train_csv if _given(train_csv) else None
         self.val_csv = val_csv if _given(val_csv) else None
@@ -58,16 +76,33 @@ class PairDataModule(pl.LightningDataModule):
         self.structures = [int(s) for s in structures] if structures is not None else None
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.train_set: PairDataset | None = None
+        self.train_set: PairDataset | SyntheticPairs | None = None
         self.val_set: PairDataset | None = None
         self.test_set: PairDataset | None = None
 
     def _make(self, csv: str | os.PathLike | None) -> PairDataset | None:
         return PairDataset(csv, self.dims, self.structures, intensity=self.intensity) if csv is not None else None
 
+    def _make_stream(self) -> SyntheticPairs:
+        if self.train_csv is None:
+            raise RuntimeError("PairDataModule: on_the_fly needs a train pair list (its subjects are the sources)")
+        source = PairDataset(self.train_csv, self.dims, self.structures, intensity="minmax")
+        forbidden = [ds for ds in (self._make(self.val_csv), self._make(self.test_csv)) if ds is not None]
+        return SyntheticPairs(
+            source,
+            self.items_per_epoch,
+            seed=self.seed,
+            forbidden=forbidden,
+            noise_std=self.noise_std,
+            intensity=self.intensity,
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._make(self.train_csv)
+            if self.on_the_fly:
+                self.train_set = self._make_stream()
+            else:
+                self.train_set = self._make(self.train_csv)
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = self._make(self.val_csv)
         if stage in (None, "test") and self.test_set is None:
@@ -99,6 +134,17 @@ class PairDataModule(pl.LightningDataModule):
         return ds.atlas() if ds is not None else None
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_set, SyntheticPairs):
+            rank, world = self._rank_world()
+            trainer = getattr(self, "trainer", None)
+            epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
+            return DataLoader(
+                self.train_set,
+                batch_size=self.batch_size,
+                sampler=StreamSampler(len(self.train_set), rank, world, epoch_fn=epoch_fn),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         return self._loader(self.train_set, "train", self.batch_size, self.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
