@@ -169,3 +169,17 @@ def test_one_training_step_on_generated_pairs_lowers_the_loss(cohort):
     with torch.no_grad():
         loss1 = module._step(batch)[0].item()
     assert loss1 < loss0 * (1 - 1e-3), (loss0, loss1)
+
+
+def test_atlas_fraction_deforms_the_atlas_with_its_labels(cohort):
+    ds = _stream(cohort, seed=0, atlas_fraction=0.5)
+    items = [ds[k] for k in range(6)]
+    atlas = [it for it in items if int(it["source_index"]) == -1]
+    assert 0 < len(atlas) < len(items)  # both kinds in a short stream (seeded: fixed counts)
+    for it in atlas:
+        assert it["pair_id"].endswith("-atlas") and bool(it["has_seg"])
+        assert not torch.equal(it["moving"], it["fixed"])  # deformed, recontrasted
+        assert set(torch.unique(it["moving_seg"]).tolist()) <= {0, 10, 49}
+    assert all(int(it["source_index"]) >= 0 for it in (_stream(cohort, seed=0)[k] for k in range(6)))
+    with pytest.raises(ValueError, match="atlas_fraction"):
+        _stream(cohort, atlas_fraction=1.5)

@@ -40,7 +40,7 @@ class PairDataModule(pl.LightningDataModule):
 
     On-the-fly training pairs (``on_the_fly=True``): the train loader draws ``items_per_epoch`` new pairs per epoch
     from :class:`~learnsim.data.synthetic_pairs.SyntheticPairs` (seeded by ``seed``; ``noise_std`` its Gaussian
-    noise), never from a moving image of the validation or test list (checked at setup). Not for the variational
+    noise; ``atlas_fraction`` the share of items that deform the atlas itself), never from a moving image of the validation or test list (checked at setup). Not for the variational
     method, whose per-pair q_v state needs the same pairs every epoch.
     """
 
@@ -59,11 +59,13 @@ class PairDataModule(pl.LightningDataModule):
         on_the_fly: bool = False,
         items_per_epoch: int = 64,
         noise_std: float = 0.01,
+        atlas_fraction: float = 0.0,
     ):
         super().__init__()
         self.on_the_fly = bool(on_the_fly)
         self.items_per_epoch = int(items_per_epoch)
         self.noise_std = float(noise_std)
+        self.atlas_fraction = float(atlas_fraction)
         if self.on_the_fly and self.items_per_epoch < 1:
             raise ValueError(f"PairDataModule: items_per_epoch must be >= 1; got {items_per_epoch}")
         self.intensity = str(intensity)
@@ -95,6 +97,7 @@ class PairDataModule(pl.LightningDataModule):
             forbidden=forbidden,
             noise_std=self.noise_std,
             intensity=self.intensity,
+            atlas_fraction=self.atlas_fraction,
         )
 
     def setup(self, stage: str | None = None) -> None:

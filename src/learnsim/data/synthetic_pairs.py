@@ -21,6 +21,10 @@ checks it against ``perturb``).
   construction fails if any of them is (by path or file content), or was made from the same source volume as
   (by the cohort's ``manifest.json``), a moving image of a forbidden list (the test pairs; validation pairs too).
 
+Optionally (``atlas_fraction > 0``) a share of the items deform the atlas itself instead of a training subject:
+pairs whose exact answer is a smooth diffeomorphism, a clean training signal for an amortised network (the atlas is
+the fixed image of every pair, not a test source; the test subjects' source volume is still never used).
+
 The intensities follow the path of the fixed pair files: the generator writes min-max images, and with
 ``intensity="histmatch"`` each one's histogram inside its mask is matched to the atlas' afterwards, as
 :class:`~learnsim.data.dataset.PairDataset` does for the files on disk.
@@ -148,11 +152,14 @@ class SyntheticPairs(Dataset):
         noise_std: std of additive Gaussian noise inside the brain mask (intensity units of [0, 1] images), after
             the gamma change; the image is clipped to [0, 1] and min-max rescaled in the mask again.
         intensity: ``"minmax"`` or ``"histmatch"`` (match each generated image to the atlas inside the masks).
+        atlas_fraction: probability in [0, 1] that an item deforms the atlas (with its mask and labels) instead of
+            a training subject.
 
     Items are dicts with :data:`learnsim.data.dataset.BATCH_KEYS` (shapes as in :class:`PairDataset`:
     ``[1, D, H, W]`` volumes on the atlas grid), plus ``source_index`` (int64 scalar, the row of ``source``) and
-    ``params`` (a JSON string: seed, largest displacement in mm, smallest Jacobian determinant, bias strength, gamma).
-    ``index`` is ``k``; ``pair_id`` is ``otf-<k>-<source pair id>``.
+    ``params`` (a JSON string: seed, largest displacement in mm, bias strength, gamma). ``index`` is ``k``;
+    ``pair_id`` is ``otf-<k>-<source pair id>``; for an atlas item ``source_index`` is -1, ``pair_id``
+    ``otf-<k>-atlas``, and ``moving_seg`` the warped atlas labels.
 
     Raises:
         ValueError: a source moving image is a forbidden one (same path or same bytes) or comes from a forbidden
@@ -168,7 +175,11 @@ class SyntheticPairs(Dataset):
         cfg: DemoConfig | None = None,
         noise_std: float = 0.01,
         intensity: str = "minmax",
+        atlas_fraction: float = 0.0,
     ) -> None:
+        if not 0.0 <= atlas_fraction <= 1.0:
+            raise ValueError(f"SyntheticPairs: atlas_fraction must be in [0, 1]; got {atlas_fraction}")
+        self.atlas_fraction = float(atlas_fraction)
         if items_per_epoch < 1:
             raise ValueError(f"SyntheticPairs: items_per_epoch must be >= 1; got {items_per_epoch}")
         if seed < 0:
@@ -244,7 +255,10 @@ class SyntheticPairs(Dataset):
         s = item_seed(self.seed, k)
         rng = np.random.default_rng(s)
         row = int(rng.integers(len(self.source.records)))
+        use_atlas = self.atlas_fraction > 0 and bool(rng.random() < self.atlas_fraction)
         src, fixed = self._subject(row)
+        if use_atlas:
+            src = fixed
         mask = src.mask if src.mask is not None else np.ones(self.grid.shape, np.uint8)
         subj, params = perturb_on_grid(src.image, mask, src.seg, self.grid, s, self.cfg)
         img, mask = subj.image, subj.mask
@@ -255,6 +269,7 @@ class SyntheticPairs(Dataset):
         if self.intensity == "histmatch":
             img = match_histogram(img, mask, fixed.image, fixed.mask).astype(np.float32)
         base = self.source[row]  # the atlas tensors, affine, ids
+        has_seg = subj.seg is not None and (use_atlas or bool(base["has_seg"]))
         seg = (
             torch.from_numpy(subj.seg.astype(np.int64)).unsqueeze(0)
             if subj.seg is not None
@@ -267,12 +282,12 @@ class SyntheticPairs(Dataset):
             "moving_mask": torch.from_numpy(mask.astype(np.float32)).unsqueeze(0),
             "fixed_seg": base["fixed_seg"],
             "moving_seg": seg,
-            "has_seg": torch.tensor(bool(base["has_seg"]) and subj.seg is not None),
+            "has_seg": torch.tensor(has_seg),
             "index": torch.tensor(k, dtype=torch.int64),
-            "pair_id": f"otf-{k}-{base['pair_id']}",
+            "pair_id": f"otf-{k}-{'atlas' if use_atlas else base['pair_id']}",
             "affine": base["affine"],
             "pair_key": hashlib.sha256(f"{base['pair_key']}\0{self.seed}\0{k}".encode()).hexdigest()[:16],
-            "source_index": torch.tensor(row, dtype=torch.int64),
+            "source_index": torch.tensor(-1 if use_atlas else row, dtype=torch.int64),
             "params": json.dumps(params, sort_keys=True),
         }
 
