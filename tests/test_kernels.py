@@ -123,7 +123,8 @@ def test_sobolev_and_regulariser_equal_torch_path():
 
 
 @pytest.mark.parametrize("shift", [0.3, 9.0])
-def test_adjoint_is_deterministic_and_exact_for_any_reach(shift):
+def test_adjoint_is_deterministic_and_exact_for_any_reach(shift, monkeypatch):
+    monkeypatch.setattr(ops, "SERIAL_BELOW", 0)  # the parallel schedule even on this tiny grid
     # the adjoint's slab schedule depends on how far samples reach along D: small (many slabs per phase) or
     # beyond the grid (one slab); float64 against the PyTorch path, and bit-identical on a second run
     v = smooth_field(3, (20, 7, 6), 1.0, seed=4, dtype=torch.float64)

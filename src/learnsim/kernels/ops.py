@@ -64,10 +64,16 @@ class Workspace:
 _WORKSPACE = Workspace()
 
 
-def chunks() -> int:
-    """Threads the kernels run on (torch's intra-op thread count, capped by numba's pool); also the number of
-    per-chunk accumulators of the scattering adjoints."""
+SERIAL_BELOW = 1 << 17  # elements: below this a kernel runs on one thread
+
+
+def chunks(numel: int | None = None) -> int:
+    """Set and return the threads the kernels run on: torch's intra-op thread count, capped by numba's pool, and
+    one thread for small work (``numel < SERIAL_BELOW``: on a busy 2-core machine the fork/join of a parallel
+    region cost more than a 16^3 squaring step itself, 29-58 s instead of ~2 s for 200 steps)."""
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numel is not None and numel < SERIAL_BELOW:
+        n = 1
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
     return n
@@ -96,7 +102,7 @@ def _channels_last(t: Tensor) -> Tensor:
 class _Integrate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, no_steps: int) -> Tensor:  # type: ignore[override]
-        chunks()
+        chunks(v.numel())
         b, _, d, h, w = v.shape
         # the T fields u_0 .. u_{T-1}, channels-last, in one reusable stack: the only state the adjoint needs
         stack = _WORKSPACE.get("squarings", (no_steps + 1, b, d, h, w, 3), v.dtype)
@@ -114,7 +120,7 @@ class _Integrate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        chunks()
+        chunks(grad.numel())
         stack = ctx.stack
         b, d, h, w, _ = stack.shape[1:]
         grid = _grid(stack[0, :, :, :, :, 0])
@@ -143,7 +149,7 @@ def integrate_svf(v: Tensor, no_steps: int) -> Tensor:
 class _Warp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image: Tensor, disp: Tensor) -> Tensor:  # type: ignore[override]
-        chunks()
+        chunks(disp.numel())
         image = image.contiguous()
         disp = disp.contiguous()
         out = torch.empty((disp.shape[0], image.shape[1], *disp.shape[2:]), dtype=disp.dtype)
@@ -156,7 +162,7 @@ class _Warp(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         image, disp = ctx.saved_tensors
         need_image, need_disp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n = chunks()
+        n = chunks(disp.numel())
         grad_u = torch.empty_like(disp)
         bufs = torch.zeros((n, *image.shape) if need_image else (1, 1, 1, 1, 1, 1), dtype=image.dtype)
         K.warp_backward(
@@ -175,7 +181,7 @@ def warp(image: Tensor, disp: Tensor) -> Tensor:
 @torch.no_grad()
 def smooth(field: Tensor, weights: Sequence[float]) -> Tensor:
     """Separable filter of ``[B, C, D, H, W]`` along D, then H, then W (replicate padding), odd-length weights."""
-    chunks()
+    chunks(field.numel())
     w = np.asarray(weights, dtype=np.float64 if field.dtype == torch.float64 else np.float32)
     shape = field.shape
     src = field.detach().contiguous().reshape(-1, *shape[2:])
@@ -190,7 +196,7 @@ def smooth(field: Tensor, weights: Sequence[float]) -> Tensor:
 class _L2Gradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, w_reg: float) -> Tensor:  # type: ignore[override]
-        chunks()
+        chunks(v.numel())
         v = v.contiguous()
         grad = torch.empty_like(v)
         rows = torch.empty(v.shape[0] * v.shape[2], dtype=torch.float64)
@@ -225,7 +231,7 @@ def _box(x: np.ndarray, tmp: np.ndarray, r: int, adjoint: bool) -> np.ndarray:
 class _LCC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fixed: Tensor, warped: Tensor, mask: Tensor | None, radius: int, eps: float) -> Tensor:  # type: ignore[override]
-        chunks()
+        chunks(warped.numel())
         b, c = warped.shape[:2]
         shape = warped.shape[2:]
         f = fixed.expand(b, *fixed.shape[1:]).reshape(b * c, *shape)
