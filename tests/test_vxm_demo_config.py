@@ -30,8 +30,9 @@ def test_demo_experiments(experiment, kind, weight, w_reg):
     module = instantiate(_compose([f"+experiment={experiment}", "data.dims=[32,32,32]"]).model)
     assert isinstance(module, VoxelMorphModule) and module.metric.spec["kind"] == kind
     assert module.metric.energy.weight == weight and module.reg_loss.w_reg == w_reg
-    assert module.net.half_res and module.net.int_downsize == 2 and module.net.no_steps == 7
-    assert module.hparams["net"]["int_downsize"] == 2  # rebuilt from a checkpoint with the same integration
+    assert module.net.res_level == 2 and module.net.int_downsize == 4 and module.net.no_steps == 7
+    # rebuilt from a checkpoint with the same resolution and integration
+    assert module.hparams["net"]["int_downsize"] == 4 and module.hparams["net"]["res_level"] == 2
 
 
 def test_learnt_demo_experiment_needs_a_checkpoint():
@@ -50,3 +51,26 @@ def test_int_downsize_integrates_on_the_coarse_grid():
     assert err.max() > 0 and err.mean() < 0.1 * full.abs().mean()
     with pytest.raises(ValueError, match="int_downsize"):
         VoxelMorphNet(int_downsize=0)
+
+
+def test_res_level_generalises_half_res():
+    torch.manual_seed(0)
+    half = VoxelMorphNet((4, 8, 8), (8, 8, 8, 4), half_res=True, no_steps=3)
+    r1 = VoxelMorphNet((4, 8, 8), (8, 8, 8, 4), res_level=1, no_steps=3)
+    r1.load_state_dict(half.state_dict())  # same layers
+    with torch.no_grad():
+        for p in half.flow.parameters():
+            p.normal_(0, 0.1)
+        r1.load_state_dict(half.state_dict())
+    m, f = torch.rand(2, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    assert torch.equal(half.velocity(m, f), r1.velocity(m, f))
+    r2 = VoxelMorphNet((4, 8, 8), (8, 8, 8, 4), res_level=2, no_steps=3)
+    with torch.no_grad():
+        r2.flow.bias.copy_(torch.tensor([0.25, -0.5, 0.0]))  # a constant coarse velocity
+        r2.flow.weight.zero_()
+    v = r2.velocity(m, f)
+    assert v.shape == (2, 3, 16, 16, 16)
+    # voxel units: 0.25 / -0.5 quarter-resolution voxels are 1 / -2 full-resolution voxels
+    assert torch.allclose(v[:, 0], torch.tensor(1.0)) and torch.allclose(v[:, 1], torch.tensor(-2.0))
+    with pytest.raises(ValueError, match="res_level"):
+        VoxelMorphNet((4, 8, 8), (8, 8, 8), res_level=3)

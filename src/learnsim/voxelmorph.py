@@ -63,6 +63,10 @@ class VoxelMorphNet(nn.Module):
     predicted on the half-resolution grid, then up-sampled trilinearly to full resolution and multiplied by 2
     (its units are voxels of the grid it lives on).
 
+    ``res_level = r`` generalises this: the last ``r`` up-samplings (and their skips) are left out, the decoder's
+    remaining convolutions and the extra ones run at ``1 / 2^r`` resolution, and the velocity is up-sampled by
+    ``2^r`` (``half_res`` is ``r = 1``; ``r = 2``, quarter resolution, suits smooth deformations on a CPU).
+
     With ``int_downsize = f > 1`` the velocity is integrated on a grid ``f`` times coarser and the displacement
     resampled back (VoxelMorph's ``int_downsize``; :func:`learnsim.fast_integration.integrate_fast`): with
     ``half_res`` and ``f = 2`` the integration runs on the grid the velocity was predicted on.
@@ -74,6 +78,7 @@ class VoxelMorphNet(nn.Module):
         no_steps: squarings of the scaling-and-squaring integration (12 in the original); 0 returns ``v`` as the
             displacement.
         int_downsize: integration grid coarsening factor (1: the image grid).
+        res_level: number of final up-samplings left out (0: full resolution; ``half_res`` means at least 1).
         negative_slope: LeakyReLU slope.
         in_channels: channels of ``cat(moving, fixed)`` (2).
 
@@ -90,8 +95,14 @@ class VoxelMorphNet(nn.Module):
         negative_slope: float = 0.2,
         in_channels: int = 2,
         int_downsize: int = 1,
+        res_level: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= int(res_level) < max(1, len(enc_features)):
+            raise ValueError(
+                f"VoxelMorphNet: res_level must be in [0, len(enc_features) - 1]; got {res_level}"
+            )
+        self.res_level = max(int(res_level), 1 if half_res else 0)
         if int(int_downsize) < 1:
             raise ValueError(f"VoxelMorphNet: int_downsize must be >= 1; got {int_downsize}")
         self.int_downsize = int(int_downsize)
@@ -123,9 +134,8 @@ class VoxelMorphNet(nn.Module):
         for level, c in enumerate(dec[:n]):
             self.up_convs.append(nn.Conv3d(cin, c, 3, padding=1))
             cin = c
-            last = level == n - 1
-            if not (last and self.half_res):
-                cin += skips[n - 1 - level]  # concat with the skip one level up
+            if level < n - self.res_level:
+                cin += skips[n - 1 - level]  # up-sampled and concatenated with the skip one level up
         self.extra_convs = nn.ModuleList()
         for c in dec[n:]:
             self.extra_convs.append(nn.Conv3d(cin, c, 3, padding=1))
@@ -147,6 +157,7 @@ class VoxelMorphNet(nn.Module):
             "negative_slope": self.negative_slope,
             "in_channels": self.in_channels,
             "int_downsize": self.int_downsize,
+            "res_level": self.res_level,
         }
 
     @property
@@ -190,16 +201,18 @@ class VoxelMorphNet(nn.Module):
         n = len(self.up_convs)
         for level, conv in enumerate(self.up_convs):
             x = self.act(conv(x))
-            if level == n - 1 and self.half_res:
-                break
+            if level >= n - self.res_level:
+                continue  # coarse output: no more up-sampling
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = torch.cat([x, history.pop()], dim=1)
         for conv in self.extra_convs:
             x = self.act(conv(x))
         v = self.flow(x)
-        if self.half_res:
-            # voxel units: a displacement of 1 half-res voxel is 2 full-res voxels
-            v = 2.0 * F.interpolate(v, size=tuple(moving.shape[2:]), mode="trilinear", align_corners=True)
+        if self.res_level:
+            # voxel units: a displacement of 1 voxel at 1 / 2^r resolution is 2^r full-res voxels
+            v = float(2**self.res_level) * F.interpolate(
+                v, size=tuple(moving.shape[2:]), mode="trilinear", align_corners=True
+            )
         return v
 
     def integrate(self, v: Tensor) -> Tensor:
