@@ -19,9 +19,6 @@ no atomics, and the result does not depend on thread scheduling (only on the num
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 from numba import njit, prange
 
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # FMA and reordering; no nnan/ninf: NaNs stay visible
