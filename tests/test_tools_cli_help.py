@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import shutil
 import subprocess
 import sys
@@ -66,7 +68,8 @@ def test_help_is_built_from_the_config_folder(tmp_path, monkeypatch, capsys) -> 
     (conf / "metric" / "my_metric.yaml").write_text((CONF / "metric" / "ssd.yaml").read_text())
     monkeypatch.setenv("LEARNSIM_CONF", str(conf))
     page = _page(train_cli, "learnsim-train", monkeypatch, capsys)
-    assert "  my_study        My study: SSD on 96^3.\n" in page
+    # the name column is as wide as the longest experiment name
+    assert re.search(r"^  my_study +My study: SSD on 96\^3\.$", page, re.MULTILINE), page
     assert "my_metric" in next(ln for ln in page.splitlines() if ln.startswith("  metric "))
 
 
