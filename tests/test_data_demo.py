@@ -88,7 +88,7 @@ def test_rerun_is_idempotent(demo: Path, learnsim_cache, capsys):
 
 
 def test_interrupted_run_then_rerun_is_byte_identical(
-    demo: Path, learnsim_cache, tmp_path: Path, monkeypatch
+    demo: Path, learnsim_cache, tmp_path: Path, monkeypatch, capsys
 ):
     out = tmp_path / "demo_data"
     real_save, calls = cohort.save_nifti, {"n": 0}
@@ -103,6 +103,8 @@ def test_interrupted_run_then_rerun_is_byte_identical(
     # Ctrl-C: the CLI ends with exit code 130 (no traceback) and leaves no half-written file
     assert cli_main([*ARGS, "--out", str(out), "--cache", str(learnsim_cache)]) == 130
     assert calls["n"] == 6
+    err = capsys.readouterr().err  # (other tests' leaked log handlers may add to it: check only our own lines)
+    assert "learnsim-data: interrupted" in err and "KeyboardInterrupt" not in err and "simulated kill" not in err
     monkeypatch.setattr(cohort, "save_nifti", real_save)
     assert not (out / "test.csv").exists() and not json.loads((out / "manifest.json").read_text())["complete"]
     assert not list(out.rglob(".*.partial*"))

@@ -75,6 +75,8 @@ def test_scripts_wrap_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[
     demo = (ROOT / "scripts" / "demo.sh").read_text()
     assert "learnsim-compare --table" in demo and "learnsim-compare \"$OUT/test_ssd_baseline\"" in demo
     assert "scripts/compare_runs.py" not in demo and "scripts/demo_table.py" not in demo
+    vxm = (ROOT / "scripts" / "demo_vxm.sh").read_text()
+    assert "learnsim-compare --table" in vxm and "compare_runs.py" not in vxm and "demo_table.py" not in vxm
 
 
 def test_pip_install_ships_learnsim_compare(tmp_path: Path) -> None:
