@@ -72,9 +72,7 @@ def use_numba(*tensors: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
-        if backend == "numba" and any(t.device.type != "cpu" for t in tensors):
-            return False  # numba is CPU-only: a CUDA tensor takes the PyTorch path whatever is asked
-        return False
+        return False  # numba is CPU-only: CUDA (or half-precision) tensors take the PyTorch path whatever is asked
     if not numba_available():
         if backend == "numba":
             raise RuntimeError("LEARNSIM_KERNELS=numba but numba is not importable: pip install numba")

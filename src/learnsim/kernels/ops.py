@@ -178,6 +178,15 @@ def warp(image: Tensor, disp: Tensor) -> Tensor:
     return _Warp.apply(image, disp)
 
 
+def _separable(src: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Filter ``[N, D, H, W]`` along D, H, then W with ``weights`` (replicate padding): ``src -> a -> b -> a``.
+    ``b`` may be ``src`` itself (then overwritten); returns ``a``, which holds the result."""
+    K.smooth_axis(src, a, weights, 0)
+    K.smooth_axis(a, b, weights, 1)
+    K.smooth_axis(b, a, weights, 2)
+    return a
+
+
 @torch.no_grad()
 def smooth(field: Tensor, weights: Sequence[float]) -> Tensor:
     """Separable filter of ``[B, C, D, H, W]`` along D, then H, then W (replicate padding), odd-length weights."""
@@ -185,12 +194,9 @@ def smooth(field: Tensor, weights: Sequence[float]) -> Tensor:
     w = np.asarray(weights, dtype=np.float64 if field.dtype == torch.float64 else np.float32)
     shape = field.shape
     src = field.detach().contiguous().reshape(-1, *shape[2:])
-    tmp = torch.empty_like(src)
-    out = torch.empty_like(src)
-    K.smooth_axis(_np(src), _np(tmp), w, 0)
-    K.smooth_axis(_np(tmp), _np(out), w, 1)
-    K.smooth_axis(_np(out), _np(tmp), w, 2)
-    return tmp.reshape(shape)
+    a, b = torch.empty_like(src), torch.empty_like(src)
+    _separable(_np(src), w, _np(a), _np(b))
+    return a.reshape(shape)
 
 
 class _L2Gradient(torch.autograd.Function):
@@ -217,14 +223,12 @@ def l2_gradient_energy(v: Tensor, w_reg: float) -> Tensor:
 
 
 def _box(x: np.ndarray, tmp: np.ndarray, r: int, adjoint: bool) -> np.ndarray:
-    """Separable (2r+1)^3 box sum (or its adjoint) of ``[N, D, H, W]``; returns the array holding the result."""
-    if adjoint:
-        for axis, (src, dst) in enumerate(((x, tmp), (tmp, x), (x, tmp))):
-            L.box_adjoint_axis(src, dst, r, axis)
-    else:
-        ones = np.ones(2 * r + 1, dtype=x.dtype)
-        for axis, (src, dst) in enumerate(((x, tmp), (tmp, x), (x, tmp))):
-            K.smooth_axis(src, dst, ones, axis)
+    """Separable (2r+1)^3 box sum (or its adjoint) of ``[N, D, H, W]``, overwriting ``x``; returns ``tmp``, which
+    holds the result."""
+    if not adjoint:
+        return _separable(x, np.ones(2 * r + 1, dtype=x.dtype), tmp, x)
+    for axis, (src, dst) in enumerate(((x, tmp), (tmp, x), (x, tmp))):
+        L.box_adjoint_axis(src, dst, r, axis)
     return tmp
 
 
@@ -243,7 +247,10 @@ class _LCC(torch.autograd.Function):
         if mask is None:
             mk, has_mask = np.ones((1, 1, 1, 1), dtype=flat.dtype), False
         else:
-            mk = mask.to(warped.dtype).expand(b, c, *shape).reshape(b * c, *shape).contiguous().numpy() if mask.shape[0] > 1 or c > 1 else mask.to(warped.dtype).reshape(1, *shape).contiguous().numpy()
+            mk = mask.to(warped.dtype)
+            # one mask for every item (the kernel broadcasts it), else one per (pair, channel)
+            mk = mk.reshape(1, *shape) if mk.shape[0] == 1 and c == 1 else mk.expand(b, c, *shape).reshape(b * c, *shape)
+            mk = mk.contiguous().numpy()
             has_mask = True
         rows = np.empty(b * c * shape[0], dtype=np.float64)
         coef = torch.empty((b * c, 3, *shape), dtype=warped.dtype)
