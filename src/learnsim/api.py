@@ -14,6 +14,7 @@ from torch import Tensor
 
 from learnsim.energies import RegLossL2
 from learnsim.evaluation.uncertainty import displacement_std_mm
+from learnsim.grid import affine_to_tensor
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.registration import FitResult, LevelSchedule, VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
@@ -404,7 +405,7 @@ def register(
     shape = fixed_t.shape[2:]
     disp = reg.mean_displacement(fit.params, shape)
     samples = reg.sample_displacements(fit.params, shape, max(no_samples, 0)) if no_samples > 0 else disp[None]
-    aff_t = torch.as_tensor(grid_affine, dtype=torch.float32)
+    aff_t = affine_to_tensor(grid_affine, dtype=torch.float32)
     with torch.no_grad():
         warped = warp(moving_t, disp)
         warped_seg = warp_labels(seg_t.to(dev), disp) if seg_t is not None else None

@@ -23,7 +23,7 @@ _EXPORTS = {
     "validate_pairs": "learnsim.data.validate",
     "DataValidationError": "learnsim.data.validate",
     "PairRecord": "learnsim.data.validate",
-    "Grid": "learnsim.data.preprocess",
+    "Grid": "learnsim.grid",
     "Volume": "learnsim.data.preprocess",
     "target_grid": "learnsim.data.preprocess",
     "resample_to_grid": "learnsim.data.preprocess",

@@ -194,6 +194,6 @@ class PairDataset(Dataset):
             "has_seg": torch.tensor(rec.has_seg),
             "index": torch.tensor(rec.index, dtype=torch.int64),
             "pair_id": self.pair_ids[i],
-            "affine": torch.from_numpy(np.array(self.grid.affine, dtype=np.float64)),
+            "affine": self.grid.affine_tensor(),
             "pair_key": self.pair_keys[i],
         }

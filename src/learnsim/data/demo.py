@@ -247,7 +247,7 @@ def perturb(raw: _Raw, grid: Grid, seed: int, cfg: DemoConfig) -> tuple[Preproce
     """
     gen = torch.Generator().manual_seed(seed)
     shape = grid.shape
-    affine = torch.tensor(np.array(grid.affine))
+    affine = grid.affine_tensor()
     u01 = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen))  # noqa: E731
 
     target_mm = u01(*cfg.max_disp_mm)

@@ -7,7 +7,7 @@ The target grid is defined by the atlas (fixed image), as in the original code:
 3. resize to ``dims`` keeping the field of view: the new voxel size is ``N / dims`` and voxel ``i`` of the new
    grid sits at cube coordinate ``(i + 0.5) * N / dims - 0.5``.
 
-Steps 1-3 only define a :class:`Grid` (shape + voxel->mm affine). Every volume, the atlas included, is then
+Steps 1-3 only define a :class:`learnsim.grid.Grid` (shape + voxel->mm affine). Every volume, the atlas included, is then
 resampled into that grid **through world coordinates**: target voxel -> mm (target affine) -> source voxel
 (inverse source affine). Volumes with another shape, spacing or orientation in the same world (MNI) space
 therefore land in the right place. Images are sampled trilinearly, masks and label maps by nearest neighbour;
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from learnsim import spatial
+from learnsim.grid import Grid, as_dims
 from learnsim.io import load_nifti
 
 __all__ = [
@@ -51,64 +52,7 @@ __all__ = [
     "preprocess",
 ]
 
-_AFFINE_ATOL = 1e-4  # mm; grids that agree to this are the same grid
-
-
-def as_dims(dims: int | Sequence[int]) -> tuple[int, int, int]:
-    """``128`` -> ``(128, 128, 128)``; a 3-sequence is checked and returned as a tuple of ints."""
-    if isinstance(dims, int | np.integer):
-        out = (int(dims),) * 3
-    else:
-        out = tuple(int(d) for d in dims)
-    if len(out) != 3 or min(out) < 2:
-        raise ValueError(f"dims must be an int or 3 ints >= 2; got {dims!r}")
-    return out  # type: ignore[return-value]
-
-
-@dataclass(frozen=True, eq=False)
-class Grid:
-    """A voxel grid in world space: ``shape`` (D, H, W) and the 4x4 voxel-index -> mm ``affine``."""
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-
-    def __post_init__(self) -> None:
-        shape = tuple(int(s) for s in self.shape)
-        affine = np.array(self.affine, dtype=np.float64)
-        if len(shape) != 3 or affine.shape != (4, 4):
-            raise ValueError(f"Grid: need a 3D shape and a 4x4 affine; got {shape}, {affine.shape}")
-        affine.setflags(write=False)
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "affine", affine)
-
-    @property
-    def spacing(self) -> np.ndarray:
-        """Voxel size in mm along each array axis."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-
-    def matches(self, shape: Sequence[int], affine: np.ndarray, atol: float = _AFFINE_ATOL) -> bool:
-        """Same shape and an affine equal within ``atol`` mm."""
-        return tuple(int(s) for s in shape) == self.shape and np.allclose(
-            np.asarray(affine, np.float64), self.affine, atol=atol
-        )
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Grid) and self.matches(other.shape, other.affine)
-
-    def __hash__(self) -> int:
-        return hash((self.shape, tuple(np.round(self.affine, 4).ravel())))
-
-    def world_coords(self) -> np.ndarray:
-        """World (mm) coordinates of every voxel centre: ``[D, H, W, 3]`` float64."""
-        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
-
-    def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "affine": [[float(v) for v in row] for row in self.affine]}
-
-    def __repr__(self) -> str:
-        codes = "".join(nib.aff2axcodes(self.affine))
-        return f"Grid(shape={self.shape}, spacing={np.round(self.spacing, 3).tolist()}, orientation={codes})"
+# Grid and as_dims live in learnsim.grid (the core); re-exported here for the data layer's callers.
 
 
 def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> Grid:
@@ -248,7 +192,7 @@ def resampling_note(shape: Sequence[int], affine: np.ndarray, grid: Grid, name: 
     if grid.matches(shape, affine):
         return None
     src = Grid(tuple(shape), affine)
-    return f"{name}: resampled {tuple(src.shape)} {src.spacing.round(3).tolist()} mm {''.join(nib.aff2axcodes(src.affine))} -> {grid!r}"
+    return f"{name}: resampled {tuple(src.shape)} {src.spacing.round(3).tolist()} mm {src.orientation} -> {grid!r}"
 
 
 def match_histogram(

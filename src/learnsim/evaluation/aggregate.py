@@ -30,6 +30,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from learnsim.evaluation.metrics import folding, spacing_from_affine, structure_metrics
+from learnsim.grid import affine_to_tensor
 from learnsim.spatial import jacobian_det
 
 __all__ = ["PairMean", "MeanDSC", "MeanASD", "FoldingPercent", "dice_entries"]
@@ -194,7 +195,7 @@ class MeanASD(PairMean):
             raise ValueError(f"{fn}: warped_seg must be [B, 1, D, H, W]; got {tuple(warped_seg.shape)}")
         b = warped_seg.shape[0]
         fixed_seg = _labels_5d(fixed_seg, "fixed_seg", b, fn)
-        aff = torch.as_tensor(np.asarray(affine.detach().cpu() if isinstance(affine, Tensor) else affine))
+        aff = affine_to_tensor(affine, batched=True)
         aff = aff.reshape(-1, 4, 4).expand(b, 4, 4) if aff.reshape(-1, 4, 4).shape[0] == 1 else aff.reshape(-1, 4, 4)
         sums, counts = torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
         for i in range(b):

@@ -62,6 +62,7 @@ from learnsim.evaluation.uncertainty import (
     spearman,
     subsample_region,
 )
+from learnsim.grid import affine_to_numpy, affine_to_tensor
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
 
 __all__ = ["Evaluator", "METRIC_COLUMNS", "PER_PAIR_COLUMNS"]
@@ -255,9 +256,7 @@ class Evaluator:
             )
         if (fixed_seg is None) != (moving_seg is None):
             raise ValueError("Evaluator.add_pair: give both fixed_seg and moving_seg, or neither")
-        affine_np = np.asarray(
-            affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64
-        )
+        affine_np = affine_to_numpy(affine)
         spacing = spacing_from_affine(affine_np)
         device = sample_disps.device
         fixed, moving = fixed.to(device), moving.to(device)
@@ -346,7 +345,7 @@ class Evaluator:
                     affine_np,
                     np.int16 if seg_np.max(initial=0) < 2**15 else np.int32,
                 )
-            disp_mm = displacement_to_mm(mean_disp.float(), torch.as_tensor(affine_np))[0].permute(1, 2, 3, 0)
+            disp_mm = displacement_to_mm(mean_disp.float(), affine_to_tensor(affine_np))[0].permute(1, 2, 3, 0)
             io.save_nifti(pair_dir / "disp_mm.nii.gz", disp_mm.cpu().numpy(), affine_np, np.float32)
             io.save_nifti(
                 pair_dir / "uncertainty_mm.nii.gz", uncertainty[0, 0].cpu().numpy(), affine_np, np.float32

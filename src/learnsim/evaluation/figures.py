@@ -21,12 +21,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from learnsim.grid import affine_to_numpy, affine_to_tensor
 from learnsim.io import atomic_path
 from learnsim.spatial import displacement_to_mm
 
@@ -90,7 +90,7 @@ def plane_views(
     affine: Tensor | np.ndarray, shape: Sequence[int], center: Sequence[int] | None = None
 ) -> list[PlaneView]:
     """Axial, coronal and sagittal views through ``center`` (default the middle voxel) of a ``(D, H, W)`` grid."""
-    a = np.asarray(affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64)
+    a = affine_to_numpy(affine)
     codes = nib.orientations.aff2axcodes(
         a
     )  # direction each voxel axis increases towards, e.g. ('L', 'P', 'S')
@@ -178,9 +178,7 @@ def output_grid(
         raise ValueError(
             f"output_grid: disp must be [1, 3, {', '.join(map(str, f.shape))}]; got {tuple(disp.shape)}"
         )
-    aff = torch.as_tensor(
-        np.asarray(affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64)
-    )
+    aff = affine_to_tensor(affine)
     u_vox = disp.detach().float().cpu()
     mag = displacement_to_mm(u_vox, aff)[0].norm(dim=0).numpy()
     u_vox = u_vox[0].numpy()
@@ -434,7 +432,7 @@ def label_overlay(
         center = (
             [int(round(c)) for c in np.argwhere(inside).mean(axis=0)] if inside.any() else [n // 2 for n in shape]
         )
-    aff = np.asarray(affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64)
+    aff = affine_to_numpy(affine)
     views = plane_views(aff, shape, center)
 
     columns: list[tuple[str, np.ndarray]] = []

@@ -44,6 +44,7 @@ from monai.metrics import compute_average_surface_distance, compute_dice, comput
 from scipy import ndimage
 from torch import Tensor
 
+from learnsim.grid import affine_to_numpy
 from learnsim.spatial import jacobian_det
 
 __all__ = [
@@ -78,20 +79,9 @@ STRUCTURES: dict[int, str] = {
 _NAN = float("nan")
 
 
-def _as_affine(affine: Tensor | np.ndarray) -> np.ndarray:
-    a = (
-        affine.detach().cpu().double().numpy()
-        if isinstance(affine, Tensor)
-        else np.asarray(affine, dtype=np.float64)
-    )
-    if a.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4 (voxel -> mm); got shape {a.shape}")
-    return a
-
-
 def spacing_from_affine(affine: Tensor | np.ndarray) -> tuple[float, float, float]:
     """Voxel spacing in mm along tensor axes ``(D, H, W)``: the norms of the affine's first three columns."""
-    a = _as_affine(affine)
+    a = affine_to_numpy(affine)
     sp = np.linalg.norm(a[:3, :3], axis=0)
     if np.any(sp <= 0) or not np.all(np.isfinite(sp)):
         raise ValueError(f"spacing_from_affine: degenerate affine (column norms {sp.tolist()})")

@@ -36,6 +36,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from learnsim.grid import affine_to_tensor
 from learnsim.spatial import displacement_to_mm
 
 __all__ = [
@@ -47,15 +48,6 @@ __all__ = [
     "subsample_region",
     "spearman",
 ]
-
-
-def _affine_tensor(affine: Tensor | np.ndarray) -> Tensor:
-    a = torch.as_tensor(
-        np.asarray(affine.detach().cpu() if isinstance(affine, Tensor) else affine, dtype=np.float64)
-    )
-    if a.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4 (voxel -> mm); got shape {tuple(a.shape)}")
-    return a
 
 
 def displacement_std_mm(
@@ -84,7 +76,7 @@ def displacement_std_mm(
     if reduce not in ("magnitude", "components"):
         raise ValueError(f"displacement_std_mm: reduce must be 'magnitude' or 'components'; got {reduce!r}")
     n = samples.shape[0]
-    aff = _affine_tensor(affine).to(samples.device)
+    aff = affine_to_tensor(affine, device=samples.device)
     # Shift by the first sample before accumulating: sum/sum-of-squares of small deviations stay accurate.
     ref = displacement_to_mm(samples[0].float(), aff)
     s1 = torch.zeros_like(ref)
