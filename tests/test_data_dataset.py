@@ -11,49 +11,11 @@ import torch
 from learnsim.cli.data import main as cli_main
 from learnsim.data.datamodule import PairDataModule
 from learnsim.data.dataset import BATCH_KEYS, PairDataset
-from learnsim.data.preprocess import Grid, match_histogram
-from learnsim.data.ukbb import UKBB_IMAGE, UKBB_MASK, UKBB_SEG, build_ukbb, read_ids
+from learnsim.data.preprocess import match_histogram
+from learnsim.data.ukbb import UKBB_IMAGE, UKBB_SEG, build_ukbb, read_ids
 from learnsim.data.validate import DataValidationError
-from learnsim.io import save_nifti
 
 quiet = lambda *_: None  # noqa: E731
-
-
-def _affine(spacing: float, flip_x: bool, shape) -> np.ndarray:
-    a = np.diag([-spacing if flip_x else spacing, spacing, spacing, 1.0])
-    a[:3, 3] = -a[:3, :3] @ ((np.array(shape) - 1) / 2)
-    return a
-
-
-def _subject(folder: Path, shift: float, spacing: float, flip_x: bool, shape=(26, 30, 24)) -> None:
-    """A world-space phantom (brain ellipsoid, two 'structures') rasterised on a subject-specific grid."""
-    g = Grid(shape, _affine(spacing, flip_x, shape))
-    xyz = g.world_coords() - np.array([shift, 0.0, 0.0])
-    brain = ((xyz / np.array([14.0, 17.0, 12.0])) ** 2).sum(-1) <= 1
-    img = np.where(brain, 100.0 + 20 * np.sin(xyz[..., 1] / 4.0), 0.0).astype(np.float32)
-    seg = np.zeros(shape, np.int16)
-    seg[((xyz - [-5, 0, 0]) ** 2).sum(-1) <= 16] = 10  # left (x < 0 in RAS)
-    seg[((xyz - [5, 0, 0]) ** 2).sum(-1) <= 16] = 49
-    save_nifti(folder / UKBB_IMAGE, img, g.affine)
-    save_nifti(folder / UKBB_MASK, brain.astype(np.uint8), g.affine)
-    save_nifti(folder / UKBB_SEG, seg, g.affine)
-
-
-@pytest.fixture
-def ukbb_root(tmp_path: Path) -> Path:
-    root = tmp_path / "ukbb"
-    specs = {
-        "1000": (0.0, 1.0, False),
-        "1001": (1.0, 1.5, True),
-        "1002": (-1.0, 1.25, False),
-        "1003": (0.5, 1.0, True),
-        "1004": (0.0, 2.0, True),
-    }
-    for sid, (shift, sp, flip) in specs.items():
-        _subject(root / sid, shift, sp, flip)
-    (tmp_path / "train.txt").write_text("# training ids\n1000\n1001\n1002\n\n")
-    (tmp_path / "test.txt").write_text("1003, extra column\n1004\n")
-    return root
 
 
 def test_read_ids(ukbb_root: Path):
@@ -180,8 +142,10 @@ def test_datamodule_shards_pairs_by_rank(ukbb_root: Path, tmp_path: Path):
         assert sorted(rows) == [i for i in range(4) if i % 2 == rank]
         seen += rows
     assert sorted(seen) == [0, 1, 2, 3]
-    atlas = dm.atlas()
-    assert atlas.shape == (1, 1, 12, 12, 12) and torch.equal(atlas[0], dm.train_set[0]["fixed"])
+    atlas = dm.atlas
+    assert atlas.image.shape == (1, 1, 12, 12, 12) and torch.equal(atlas.image[0], dm.train_set[0]["fixed"])
+    assert torch.equal(atlas.mask[0], dm.train_set[0]["fixed_mask"]) and torch.equal(atlas.seg[0], dm.train_set[0]["fixed_seg"])
+    assert atlas.grid == dm.train_set.grid and np.array_equal(atlas.grid.affine, dm.train_set[0]["affine"].numpy())
 
 
 def test_dataset_histogram_matching(ukbb_root: Path, tmp_path: Path):

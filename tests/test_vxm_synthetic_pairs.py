@@ -86,7 +86,7 @@ def test_generator_is_deterministic_per_seed(cohort):
     assert not torch.equal(a[0]["moving"], _stream(cohort, seed=4)[0]["moving"])
     assert item_seed(3, 0) != item_seed(3, 1) != item_seed(4, 1)
     # the fixed image is the atlas, untouched
-    assert torch.equal(a[0]["fixed"], a.atlas()[0])
+    assert torch.equal(a[0]["fixed"], a.atlas.image[0])
 
 
 def test_generator_is_the_demo_perturbation(cohort):

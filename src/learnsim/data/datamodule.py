@@ -17,13 +17,15 @@ import os
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from learnsim.data.atlas import Atlas
 from learnsim.data.dataset import PairDataset
 from learnsim.data.synthetic_pairs import StreamSampler, SyntheticPairs
+from learnsim.data.validate import same_file
 from learnsim.distributed import RankShardSampler
+from learnsim.grid import as_dims
 
 __all__ = ["PairDataModule"]
 
@@ -72,7 +74,7 @@ class PairDataModule(pl.LightningDataModule):
         self.train_csv = train_csv if _given(train_csv) else None
         self.val_csv = val_csv if _given(val_csv) else None
         self.test_csv = test_csv if _given(test_csv) else None
-        self.dims = tuple(int(d) for d in dims) if not isinstance(dims, int) else dims
+        self.dims = as_dims(dims)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.structures = [int(s) for s in structures] if structures is not None else None
@@ -110,6 +112,30 @@ class PairDataModule(pl.LightningDataModule):
             self.val_set = self._make(self.val_csv)
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self._make(self.test_csv)
+        self._check_one_atlas()
+
+    def _pair_sets(self) -> list[PairDataset]:
+        """The pair lists set up so far, train first (the on-the-fly stream's source list stands for train)."""
+        train = self.train_set.source if isinstance(self.train_set, SyntheticPairs) else self.train_set
+        return [ds for ds in (train, self.val_set, self.test_set) if ds is not None]
+
+    def _check_one_atlas(self) -> None:
+        """Every pair list must name the same fixed image (the same file or a byte-identical copy)."""
+        sets = self._pair_sets()
+        for ds in sets[1:]:
+            a, b = sets[0].records[0].fixed, ds.records[0].fixed
+            if not same_file(a, b):
+                raise ValueError(
+                    f"PairDataModule: {ds.csv_path}, column 'fixed': names {b}, but {sets[0].csv_path} names {a}; "
+                    "the train, validation and test lists must share one fixed image (the atlas)"
+                )
+
+    @property
+    def atlas(self) -> Atlas | None:
+        """The cohort's fixed image on the working grid (:class:`~learnsim.data.atlas.Atlas`: image, mask, seg,
+        grid); None before :meth:`setup`. Loaded once, from the first list set up (train, else val, else test)."""
+        sets = self._pair_sets()
+        return sets[0].atlas if sets else None
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -130,11 +156,6 @@ class PairDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def atlas(self) -> torch.Tensor | None:
-        """The fixed image (atlas) on the working grid, ``[1, 1, D, H, W]`` (None before setup)."""
-        ds = next((d for d in (self.train_set, self.val_set, self.test_set) if d is not None), None)
-        return ds.atlas() if ds is not None else None
 
     def train_dataloader(self) -> DataLoader:
         if isinstance(self.train_set, SyntheticPairs):

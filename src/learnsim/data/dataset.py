@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from learnsim.data.preprocess import Grid, Preprocessed, Volume, as_dims, match_histogram, preprocess, target_grid
+from learnsim.data.atlas import Atlas
+from learnsim.data.preprocess import (
+    Grid,
+    Preprocessed,
+    Volume,
+    as_dims,
+    match_histogram,
+    preprocess,
+    target_grid,
+)
 from learnsim.data.validate import PairRecord, validate_pairs
 
 __all__ = ["PairDataset", "BATCH_KEYS", "pair_ids", "pair_key"]
@@ -76,7 +85,7 @@ class PairDataset(Dataset):
 
     Args:
         csv_path: the pair list; validated at construction (raises ``DataValidationError`` listing all problems).
-        dims: working grid size (int or 3 ints); the grid is built from the first row's fixed image (the atlas):
+        dims: working grid size (int or 3 ints); the grid is built from the fixed image (the atlas, one per list):
             RAS, zero-padded to a centred cube, resized to ``dims`` (:func:`learnsim.data.preprocess.target_grid`).
         structures: FreeSurfer ids to evaluate. Every given label map must contain them all (validated); other ids
             are set to background. ``None`` keeps every label.
@@ -85,7 +94,8 @@ class PairDataset(Dataset):
             ``"histmatch"`` (then each moving image's histogram inside its mask is matched to the fixed image's:
             :func:`learnsim.data.preprocess.match_histogram`; for cohorts whose contrast differs from the atlas').
 
-    Items are dicts with exactly :data:`BATCH_KEYS`:
+    The fixed side is the same for every row: :attr:`atlas`. Items are dicts with exactly :data:`BATCH_KEYS` (the
+    ``fixed*`` and ``affine`` keys repeat the atlas in every item, for the modules that still read them there):
 
     * ``fixed``, ``moving``: ``[1, D, H, W]`` float32 in [0, 1] (brain-masked where a mask is given);
     * ``fixed_mask``, ``moving_mask``: ``[1, D, H, W]`` float32 0/1 (all ones without a mask column);
@@ -114,12 +124,13 @@ class PairDataset(Dataset):
         self.pair_ids = pair_ids(self.records)
         self.pair_keys = [pair_key(r, self.csv_path.parent) for r in self.records]
         self.dims = as_dims(dims)
-        atlas = Volume.load(self.records[0].fixed)
-        self.grid: Grid = target_grid(atlas.data.shape, atlas.affine, self.dims)
+        header = Grid.from_nifti(self.records[0].fixed)  # the voxels are read once, by _load_fixed below
+        self.grid: Grid = target_grid(header.shape, header.affine, self.dims)
         self.cache = cache
         self._fixed: dict[Path, Preprocessed] = {}
         self._moving: dict[int, Preprocessed] = {}
         self.notes: list[str] = []
+        self._atlas: Atlas | None = None
         # the fixed image is shared by all rows: preprocess it now, so forked workers share the copy
         self._load_fixed(self.records[0])
 
@@ -160,9 +171,13 @@ class PairDataset(Dataset):
                 self._moving[rec.index] = hit
         return hit
 
-    def atlas(self) -> torch.Tensor:
-        """The (first row's) fixed image on the working grid, ``[1, 1, D, H, W]`` float32."""
-        return torch.from_numpy(self._load_fixed(self.records[0]).image).float()[None, None]
+    @property
+    def atlas(self) -> Atlas:
+        """The fixed image of every row (:class:`~learnsim.data.atlas.Atlas`: image, mask, seg, grid), built once."""
+        if self._atlas is None:
+            rec = self.records[0]
+            self._atlas = Atlas.from_preprocessed(self._load_fixed(rec), rec.fixed)
+        return self._atlas
 
     def _tensors(self, p: Preprocessed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(p.image).float().unsqueeze(0)

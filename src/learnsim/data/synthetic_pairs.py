@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from learnsim import spatial
+from learnsim.data.atlas import Atlas
 from learnsim.data.dataset import PairDataset
 from learnsim.data.demo import DemoConfig, _bspline_field
 from learnsim.data.preprocess import Grid, Preprocessed, match_histogram, minmax
@@ -239,9 +240,10 @@ class SyntheticPairs(Dataset):
     def __len__(self) -> int:
         return self.items_per_epoch
 
-    def atlas(self) -> torch.Tensor:
-        """The fixed image (atlas) on the working grid, ``[1, 1, D, H, W]`` float32."""
-        return self.source.atlas()
+    @property
+    def atlas(self) -> Atlas:
+        """The fixed image of every pair (the source list's :class:`~learnsim.data.atlas.Atlas`)."""
+        return self.source.atlas
 
     def _subject(self, row: int) -> tuple[Preprocessed, Preprocessed]:
         """The source subject ``row`` (min-max, on the atlas grid, cached) and the atlas."""

@@ -26,6 +26,7 @@ __all__ = [
     "OPTIONAL_COLUMNS",
     "read_pairs",
     "validate_pairs",
+    "same_file",
 ]
 
 REQUIRED_COLUMNS = ("fixed", "moving")
@@ -218,7 +219,7 @@ def validate_pairs(
                 atlas = (ident[0], row["fixed"])
             elif single_fixed and ident[0] != atlas[0]:
                 if ident[0] not in same_as_atlas:
-                    same_as_atlas[ident[0]] = _same_file(ident[0], atlas[0])
+                    same_as_atlas[ident[0]] = same_file(ident[0], atlas[0])
                 if not same_as_atlas[ident[0]]:
                     problems.append(
                         f"{where}, column 'fixed', file {row['fixed']}: differs from row 0's fixed image {atlas[1]}; "
@@ -240,9 +241,11 @@ def validate_pairs(
     return records
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two existing files hold the same bytes (False if either cannot be read)."""
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file, or files holding the same bytes (False if either cannot be read)."""
     try:
+        if a.resolve() == b.resolve():
+            return True
         return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
     except OSError:
         return False
