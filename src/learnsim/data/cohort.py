@@ -1,8 +1,12 @@
-"""Writing a cohort folder (shared by the demo and the UK Biobank builders).
+"""Writing a cohort folder: the one writer behind the demo and the UK Biobank builders.
 
 Layout: ``atlas/``, ``subjects/<id>/`` with an image, ``mask.nii.gz`` and ``seg.nii.gz`` on the atlas grid,
 ``{train,val,test}.csv`` (paths relative to the CSV's folder) and ``manifest.json``. Every file is written
 atomically; a finished file is trusted on a rerun only if its manifest entry has the same spec and sha256.
+
+A builder plans its subjects (:class:`PlannedSubject`: where they go, what determines their bytes, how to make
+them) and hands them to :func:`write_cohort`, which skips the finished ones, writes the others one progress step
+each, keeps ``manifest.json`` current after every subject (so an interrupted run resumes) and writes the pair lists.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from learnsim.data.preprocess import Preprocessed
+from learnsim.data.progress import Progress
 from learnsim.io import atomic_path, save_nifti, sha256_file
 
 __all__ = [
@@ -29,7 +35,12 @@ __all__ = [
     "pair_row",
     "read_manifest",
     "is_finished",
+    "read_entries",
+    "PlannedSubject",
+    "write_cohort",
 ]
+
+SPLITS = ("train", "val", "test")
 
 CSV_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_seg", "moving_seg")
 
@@ -122,3 +133,96 @@ def is_finished(root: Path, entry: dict | None, spec: dict) -> bool:
         return False
     files = entry.get("files", {})
     return bool(files) and all((root / f).is_file() and sha256_file(root / f) == h for f, h in files.items())
+
+
+def read_entries(manifest_path: Path) -> dict[str, dict]:
+    """The subject entries of an existing manifest by ``id`` (``{}`` if there is none or it is unreadable)."""
+    return {
+        e["id"]: e for e in read_manifest(manifest_path).get("volumes", []) if isinstance(e, dict) and "id" in e
+    }
+
+
+@dataclass(frozen=True)
+class PlannedSubject:
+    """One subject of a cohort (the atlas included), as :func:`write_cohort` writes it.
+
+    Attributes:
+        folder: where its files go, relative to the cohort root (``atlas`` or ``subjects/<name>``).
+        split: ``atlas``, ``train``, ``val`` or ``test``.
+        head: the manifest entry's identifying fields, in order (``id`` first; ``id`` keys the rerun check).
+        spec: what determines the files' bytes; a finished subject with another spec is rebuilt.
+        make: ``make(log) -> (subject on the atlas grid, extra entry fields)``; ``log`` prints above the progress
+            bar. Called only when the subject has to be (re)built.
+        done: the progress message after writing, from the subject and the extra fields.
+        label: the name in the "up to date" message.
+        keep: extra fields carried over from the old entry when the subject is up to date.
+    """
+
+    folder: str
+    split: str
+    head: dict
+    spec: dict
+    make: Callable[[Callable[..., None]], tuple[Preprocessed, dict]]
+    done: Callable[[Preprocessed, dict], str]
+    label: str
+    keep: tuple[str, ...] = field(default=())
+
+
+def _write_subject_entry(
+    out: Path, s: PlannedSubject, old: dict | None, progress: Progress, image_name: str
+) -> dict:
+    entry = {**s.head, "spec": s.spec}
+    if is_finished(out, old, s.spec):
+        entry.update({k: old.get(k, {}) for k in s.keep})
+        entry["files"] = old["files"]
+        progress.step(f"[learnsim-data] {s.label}: up to date")
+        return entry
+    subject, extra = s.make(progress.log)
+    entry.update(extra)
+    entry["files"] = write_subject(out, s.folder, subject, image_name=image_name)
+    progress.step(s.done(subject, extra))
+    return entry
+
+
+def write_cohort(
+    out: Path,
+    subjects: Sequence[PlannedSubject],
+    manifest: Callable[[list[dict], bool], dict],
+    title: str,
+    log: Callable[..., None],
+    image_name: str = "t1.nii.gz",
+) -> dict:
+    """Write (or finish, or verify) every subject, the manifest and ``{train,val,test}.csv``; returns the manifest.
+
+    Args:
+        out: the cohort root (exists).
+        subjects: the atlas first, then the moving subjects in pair-list order.
+        manifest: ``manifest(entries, complete) -> dict``, written to ``out/manifest.json`` after every subject
+            (``complete=False``) and at the end (``True``).
+        title: the progress bar's title; log: where messages go.
+        image_name: the image file name in every subject folder.
+
+    Subjects whose manifest entry (from the manifest found at the start) has the same spec and whose files still
+    match their sha256 are kept as they are; one progress step per subject.
+    """
+    if not subjects or subjects[0].split != "atlas":
+        raise ValueError("write_cohort: the first planned subject must be the atlas")
+    manifest_path = out / "manifest.json"
+    old = read_entries(manifest_path)
+    entries: list[dict] = []
+    progress = Progress(len(subjects), title, log)
+    for s in subjects:
+        entries.append(_write_subject_entry(out, s, old.get(s.head["id"]), progress, image_name))
+        write_json(manifest_path, manifest(entries, False))
+    progress.close()
+    atlas_files = subject_files(subjects[0].folder, entries[0]["files"], image_name)
+    for split in SPLITS:
+        rows = [
+            pair_row(atlas_files, subject_files(s.folder, e["files"], image_name))
+            for s, e in zip(subjects, entries, strict=True)
+            if s.split == split
+        ]
+        write_pairs_csv(out / f"{split}.csv", rows)
+    final = manifest(entries, True)
+    write_json(manifest_path, final)
+    return final

@@ -45,17 +45,7 @@ from scipy import ndimage
 
 from learnsim import spatial
 from learnsim.data import labels as L
-from learnsim.data.cohort import (
-    CSV_COLUMNS,
-    is_finished,
-    pair_row,
-    read_manifest,
-    remove_partials,
-    subject_files,
-    write_json,
-    write_pairs_csv,
-    write_subject,
-)
+from learnsim.data.cohort import CSV_COLUMNS, PlannedSubject, read_entries, remove_partials, write_cohort
 from learnsim.data.preprocess import (
     Grid,
     Preprocessed,
@@ -66,7 +56,6 @@ from learnsim.data.preprocess import (
     resampling_note,
     target_grid,
 )
-from learnsim.data.progress import Progress
 from learnsim.data.sources import SOURCES, fetch
 from learnsim.io import atomic_path, sha256_file
 
@@ -307,6 +296,107 @@ def _plan(cfg: DemoConfig) -> list[_Planned]:
     return plan
 
 
+def _fetch_sources(cfg: DemoConfig, plan: Sequence[_Planned], log: Callable[..., None]) -> tuple[dict, dict]:
+    """Fetch every file the plan needs: ``(key -> local path, key -> source record with its sha256)``."""
+    used = [ATLAS] + sorted({p.source for p in plan}, key=lambda s: s.name)
+    keys = {k for sv in used for k in sv.keys} | {"icbm2009c_copying"}
+    if any(sv.mask_rule == "atlas" or sv.align == "moments" for sv in used):
+        keys.add("icbm2009c_mask")
+    paths = {k: fetch(k, cache=cfg.cache, log=log) for k in sorted(keys)}
+    sources = {k: {**SOURCES[k].to_dict(), "sha256": sha256_file(paths[k])} for k in sorted(keys)}
+    return paths, sources
+
+
+class _DemoSubjects:
+    """The demo's subjects as :class:`~learnsim.data.cohort.PlannedSubject` s; the source volumes and the
+    preprocessed atlas are loaded on first use (only if something has to be (re)built) and kept."""
+
+    def __init__(self, cfg: DemoConfig, grid: Grid, paths: dict, sources: dict):
+        self.cfg, self.grid, self.sources = cfg, grid, sources
+        self.spec = cfg.spec()
+        self.atlas_mask_vol = Volume.load(paths["icbm2009c_mask"]) if "icbm2009c_mask" in paths else None
+        self._atlas: Preprocessed | None = None
+        self._raws: dict[str, _Raw] = {}
+
+    def atlas(self, log: Callable[..., None]) -> Preprocessed:
+        if self._atlas is None:
+            raw = _load_source(ATLAS, self.grid, None, None, self.cfg.cache, log)
+            _describe("atlas", ATLAS, raw, self.grid, log)
+            self._atlas = preprocess(raw.image, self.grid, raw.mask, raw.seg)
+            structs = L.structures_present(self._atlas.seg)
+            log(
+                f"[learnsim-data] atlas on the working grid: shape {self.grid.shape}, spacing "
+                f"{np.round(self.grid.spacing, 3).tolist()} mm, structures: {L.describe_structures(structs)}"
+            )
+        return self._atlas
+
+    def _pseudo_subject(self, p: _Planned, log: Callable[..., None]) -> tuple[Preprocessed, dict]:
+        if p.source.name not in self._raws:
+            a = self.atlas(log) if p.source.mask_rule == "atlas" else None
+            raw = _load_source(p.source, self.grid, a, self.atlas_mask_vol, self.cfg.cache, log)
+            _describe(f"source {p.source.name}", p.source, raw, self.grid, log)
+            self._raws[p.source.name] = raw
+        subj, params = perturb(self._raws[p.source.name], self.grid, p.seed, self.cfg)
+        return subj, {"params": params}
+
+    def _done(self, p: _Planned, subj: Preprocessed, extra: dict) -> str:
+        params, g = extra["params"], self.grid
+        structs = L.structures_present(subj.seg) if subj.seg is not None else []
+        return (
+            f"[learnsim-data] {p.id}: from {SOURCES[p.source.image].package}, shape {g.shape}, spacing "
+            f"{np.round(g.spacing, 3).tolist()} mm, max displacement {params['max_disp_mm']:.2f} mm, "
+            f"min det J {params['min_jacobian']:.3f}, bias {params['bias_strength']:.2f}, gamma {params['gamma']:.2f}, "
+            f"structures: {L.describe_structures(structs) if structs else 'none'}"
+        )
+
+    def _source_hashes(self, sv: SourceVolume) -> dict:
+        return {k: self.sources[k]["sha256"] for k in sv.keys}
+
+    def planned(self, plan: Sequence[_Planned]) -> list[PlannedSubject]:
+        """The atlas, then the pseudo-subjects of ``plan``."""
+        atlas = PlannedSubject(
+            folder="atlas",
+            split="atlas",
+            head={"id": "atlas", "split": "atlas", "source": ATLAS.name},
+            spec={**self.spec, "source": ATLAS.name, "split": "atlas", "sources": self._source_hashes(ATLAS)},
+            make=lambda log: (self.atlas(log), {}),
+            done=lambda *_: "[learnsim-data] atlas: written",
+            label="atlas",
+        )
+        subjects = [
+            PlannedSubject(
+                folder=f"subjects/{p.id}",
+                split=p.split,
+                head={"id": p.id, "split": p.split, "source": p.source.name},
+                spec={
+                    **self.spec,
+                    "source": p.source.name,
+                    "split": p.split,
+                    "index": p.index,
+                    "sources": self._source_hashes(p.source),
+                },
+                make=lambda log, p=p: self._pseudo_subject(p, log),
+                done=lambda subj, extra, p=p: self._done(p, subj, extra),
+                label=p.id,
+                keep=("params",),
+            )
+            for p in plan
+        ]
+        return [atlas, *subjects]
+
+
+def _demo_manifest(cfg: DemoConfig, grid: Grid, sources: dict, entries: list[dict], complete: bool) -> dict:
+    return {
+        "what": "learnsim demo cohort: pseudo-subjects from public template/individual T1 volumes; NOT UK Biobank",
+        "complete": complete,
+        "spec": cfg.spec(),
+        "grid": grid.to_dict(),
+        "sizes": {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test},
+        "sources": sources,
+        "volumes": entries,
+    }
+
+
 def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
     """Build (or finish, or verify) the demo cohort in ``cfg.out``; returns the manifest.
 
@@ -318,142 +408,36 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
         out/manifest.json            sources (sha256, licence), seeds, dims, per-file sha256
 
     Idempotent: files whose manifest entry has the same spec and sha256 are kept. Interruption-safe: every file
-    is written atomically and the manifest is updated after each subject.
+    is written atomically and the manifest is updated after each subject (:func:`learnsim.data.cohort.write_cohort`).
     """
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    dims = as_dims(cfg.dims)
-    cfg = replace(cfg, dims=dims, out=out)
-    spec = cfg.spec()
+    cfg = replace(cfg, dims=as_dims(cfg.dims), out=out)
     for p in remove_partials(out):
         log(f"[learnsim-data] removed {p} (left by an interrupted run)")
-    manifest_path = out / "manifest.json"
-    old = read_manifest(manifest_path)
-    old_entries = {e["id"]: e for e in old.get("volumes", []) if isinstance(e, dict) and "id" in e}
-
+    old_ids = set(read_entries(out / "manifest.json"))
     plan = _plan(cfg)
-    used = [ATLAS] + sorted({p.source for p in plan}, key=lambda s: s.name)
-    keys = sorted(
-        {k for sv in used for k in sv.keys}
-        | {"icbm2009c_copying"}
-        | (
-            {"icbm2009c_mask"}
-            if any(sv.mask_rule == "atlas" or sv.align == "moments" for sv in used)
-            else set()
-        )
-    )
-    paths = {k: fetch(k, cache=cfg.cache, log=log) for k in keys}
-    sources = {k: {**SOURCES[k].to_dict(), "sha256": sha256_file(paths[k])} for k in keys}
-
-    # atlas: grid from its header only; its preprocessing is needed if anything has to be (re)built
-    atlas_img = Volume.load(paths[ATLAS.image])
-    grid = target_grid(atlas_img.data.shape, atlas_img.affine, dims)
-    atlas_spec = {
-        **spec,
-        "source": ATLAS.name,
-        "split": "atlas",
-        "sources": {k: sources[k]["sha256"] for k in ATLAS.keys},
-    }
-
-    entries: list[dict] = []
-    raws: dict[str, _Raw] = {}
-    atlas_cache: list[Preprocessed] = []
-    atlas_mask_vol = Volume.load(paths["icbm2009c_mask"]) if "icbm2009c_mask" in paths else None
-
-    def atlas_pre() -> Preprocessed:
-        if not atlas_cache:
-            raw = _load_source(ATLAS, grid, None, None, cfg.cache, log)
-            _describe("atlas", ATLAS, raw, grid, log)
-            atlas_cache.append(preprocess(raw.image, grid, raw.mask, raw.seg))
-            structs = L.structures_present(atlas_cache[0].seg)
-            log(
-                f"[learnsim-data] atlas on the working grid: shape {grid.shape}, spacing "
-                f"{np.round(grid.spacing, 3).tolist()} mm, structures: {L.describe_structures(structs)}"
-            )
-        return atlas_cache[0]
-
-    def manifest(complete: bool) -> dict:
-        return {
-            "what": "learnsim demo cohort: pseudo-subjects from public template/individual T1 volumes; NOT UK Biobank",
-            "complete": complete,
-            "spec": spec,
-            "grid": grid.to_dict(),
-            "sizes": {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test},
-            "sources": sources,
-            "volumes": entries,
-        }
-
-    # atlas, then the subjects: one progress step each ("k/N" and the time left; a bar on a terminal, whose
-    # messages go above it: `log` is rebound for the nested helpers too)
-    progress = Progress(len(plan) + 1, f"demo cohort -> {out}", log)
-    outer_log, log = log, progress.log
-    atlas_entry = {"id": "atlas", "split": "atlas", "source": ATLAS.name, "spec": atlas_spec}
-    if is_finished(out, old_entries.get("atlas"), atlas_spec):
-        atlas_entry["files"] = old_entries["atlas"]["files"]
-        progress.step("[learnsim-data] atlas: up to date")
-    else:
-        a = atlas_pre()
-        atlas_entry["files"] = write_subject(out, "atlas", a)
-        progress.step("[learnsim-data] atlas: written")
+    paths, sources = _fetch_sources(cfg, plan, log)
+    # the grid from the atlas header only; its preprocessing is needed only if anything has to be (re)built
+    header = Grid.from_nifti(paths[ATLAS.image])
+    grid = target_grid(header.shape, header.affine, cfg.dims)
     with atomic_path(out / "atlas" / "COPYING") as tmp:
         shutil.copyfile(paths["icbm2009c_copying"], tmp)
-    entries.append(atlas_entry)
-    write_json(manifest_path, manifest(False))
-
-    # subjects
-    for p in plan:
-        subj_spec = {
-            **spec,
-            "source": p.source.name,
-            "split": p.split,
-            "index": p.index,
-            "sources": {k: sources[k]["sha256"] for k in p.source.keys},
-        }
-        entry = {"id": p.id, "split": p.split, "source": p.source.name, "spec": subj_spec}
-        old_entry = old_entries.get(p.id)
-        if is_finished(out, old_entry, subj_spec):
-            entry["params"] = old_entry.get("params", {})
-            entry["files"] = old_entry["files"]
-            progress.step(f"[learnsim-data] {p.id}: up to date")
-        else:
-            if p.source.name not in raws:
-                a = atlas_pre() if p.source.mask_rule == "atlas" else None
-                raws[p.source.name] = _load_source(p.source, grid, a, atlas_mask_vol, cfg.cache, log)
-                _describe(f"source {p.source.name}", p.source, raws[p.source.name], grid, log)
-            subj, params = perturb(raws[p.source.name], grid, p.seed, cfg)
-            entry["params"] = params
-            entry["files"] = write_subject(out, f"subjects/{p.id}", subj)
-            structs = L.structures_present(subj.seg) if subj.seg is not None else []
-            progress.step(
-                f"[learnsim-data] {p.id}: from {SOURCES[p.source.image].package}, shape {grid.shape}, spacing "
-                f"{np.round(grid.spacing, 3).tolist()} mm, max displacement {params['max_disp_mm']:.2f} mm, "
-                f"min det J {params['min_jacobian']:.3f}, bias {params['bias_strength']:.2f}, gamma {params['gamma']:.2f}, "
-                f"structures: {L.describe_structures(structs) if structs else 'none'}"
-            )
-        entries.append(entry)
-        write_json(manifest_path, manifest(False))
-    progress.close()
-    log = outer_log
-
+    subjects = _DemoSubjects(cfg, grid, paths, sources).planned(plan)
+    final = write_cohort(
+        out,
+        subjects,
+        lambda entries, complete: _demo_manifest(cfg, grid, sources, entries, complete),
+        f"demo cohort -> {out}",
+        log,
+    )
     # remove subject folders of an older, larger plan (only those our manifest recorded)
     planned = {p.id for p in plan}
-    for sid in old_entries:
-        if sid != "atlas" and sid not in planned and (out / "subjects" / sid).is_dir():
+    for sid in sorted(old_ids - planned - {"atlas"}):
+        if (out / "subjects" / sid).is_dir():
             shutil.rmtree(out / "subjects" / sid)
-
-    # CSVs
-    fixed_files = subject_files("atlas", atlas_entry["files"])
-    for split in ("train", "val", "test"):
-        rows = [
-            pair_row(fixed_files, subject_files(f"subjects/{e['id']}", e["files"]))
-            for e in entries
-            if e["split"] == split
-        ]
-        write_pairs_csv(out / f"{split}.csv", rows)
-    final = manifest(True)
-    write_json(manifest_path, final)
     log(
-        f"[learnsim-data] demo cohort in {out} ({len(plan)} subjects, dims {dims}) done in {time.time() - t0:.1f} s"
+        f"[learnsim-data] demo cohort in {out} ({len(plan)} subjects, dims {cfg.dims}) done in {time.time() - t0:.1f} s"
     )
     return final

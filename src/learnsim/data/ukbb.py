@@ -20,18 +20,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from learnsim.data.cohort import (
-    is_finished,
+    PlannedSubject,
     pair_row,
-    read_manifest,
     remove_partials,
-    subject_files,
+    write_cohort,
     write_json,
     write_pairs_csv,
-    write_subject,
 )
-from learnsim.data.preprocess import Volume, as_dims, preprocess, target_grid
-from learnsim.data.progress import Progress
+from learnsim.data.preprocess import Preprocessed, Volume, as_dims, preprocess, target_grid
 from learnsim.data.validate import DataValidationError
+from learnsim.grid import Grid
 
 __all__ = ["UKBB_IMAGE", "UKBB_MASK", "UKBB_SEG", "read_ids", "build_ukbb"]
 
@@ -56,6 +54,72 @@ def _fingerprint(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _check_inputs(root: Path, atlas_id: str, splits: dict[str, list[str]], names: dict[str, str | None]) -> None:
+    """Every missing subject folder or file and every duplicated id, reported at once (``DataValidationError``)."""
+    problems = []
+    for sid in [atlas_id] + [s for ids in splits.values() for s in ids]:
+        for kind, name in names.items():
+            if name and not (root / sid / name).is_file():
+                problems.append(f"subject {sid}: {kind} file {root / sid / name} not found")
+    for split, ids in splits.items():
+        dup = sorted({s for s in ids if ids.count(s) > 1})
+        if dup:
+            problems.append(f"{split} ids: duplicated {dup}")
+    if problems:
+        raise DataValidationError(root, sorted(set(problems), key=problems.index))
+
+
+def _files(root: Path, sid: str, names: dict[str, str | None]) -> dict[str, Path | None]:
+    return {k: (root / sid / n if n else None) for k, n in names.items()}
+
+
+def _link_originals(
+    root: Path, atlas_id: str, splits: dict, names: dict, dims: tuple[int, int, int], out: Path, log: Callable[..., None]
+) -> dict:
+    """Pair lists pointing at the original files (absolute paths) and a short manifest; nothing is resampled."""
+
+    def absolute(sid: str) -> dict[str, str | None]:
+        return {k: str(p.resolve()) if p else None for k, p in _files(root, sid, names).items()}
+
+    for split, ids in splits.items():
+        write_pairs_csv(out / f"{split}.csv", [pair_row(absolute(atlas_id), absolute(sid)) for sid in ids])
+    manifest = {
+        "what": "UK Biobank-style cohort, pair lists pointing at the original files",
+        "root": str(root.resolve()),
+        "atlas": atlas_id,
+        "dims": list(dims),
+        "names": names,
+        "splits": splits,
+    }
+    write_json(out / "manifest.json", manifest)
+    log(f"[learnsim-data] wrote pair lists for {sum(map(len, splits.values()))} subjects in {out} (originals linked)")
+    return manifest
+
+
+def _planned(
+    root: Path, sid: str, rel: str, split: str, names: dict, grid: Grid, out: Path, dims: tuple[int, int, int]
+) -> PlannedSubject:
+    """Subject ``sid`` preprocessed onto ``grid`` into ``out/rel``; rebuilt when its inputs' size or mtime change."""
+    f = _files(root, sid, names)
+
+    def make(log: Callable[..., None]) -> tuple[Preprocessed, dict]:
+        load = lambda key: Volume.load(f[key]) if f[key] else None  # noqa: E731
+        p = preprocess(Volume.load(f["image"]), grid, load("mask"), load("seg"))
+        for note in p.notes:
+            log(f"[learnsim-data]   {note}")
+        return p, {}
+
+    return PlannedSubject(
+        folder=rel,
+        split=split,
+        head={"id": rel, "subject": sid, "split": split},
+        spec={"version": UKBB_VERSION, "dims": list(dims), "inputs": {k: _fingerprint(p) for k, p in f.items() if p}},
+        make=make,
+        done=lambda *_: f"[learnsim-data] {sid} ({split}): written to {out / rel}",
+        label=sid,
+    )
+
+
 def build_ukbb(
     root: str | os.PathLike,
     atlas_id: str,
@@ -74,66 +138,34 @@ def build_ukbb(
 
     Every missing subject folder or file is reported at once (``DataValidationError``) before anything is written.
     The atlas is left out of the moving subjects. Reruns skip subjects whose inputs (size, mtime) and settings are
-    unchanged and whose outputs still match their sha256.
+    unchanged and whose outputs still match their sha256 (:func:`learnsim.data.cohort.write_cohort`).
     """
     root, out = Path(root), Path(out)
     dims = as_dims(dims)
     splits = {"train": list(train_ids), "val": list(val_ids), "test": list(test_ids)}
     names = {"image": image_name, "mask": mask_name, "seg": seg_name}
-
-    problems = []
-    for sid in [atlas_id] + [s for ids in splits.values() for s in ids]:
-        for kind, name in names.items():
-            if name and not (root / sid / name).is_file():
-                problems.append(f"subject {sid}: {kind} file {root / sid / name} not found")
-    for split, ids in splits.items():
-        dup = sorted({s for s in ids if ids.count(s) > 1})
-        if dup:
-            problems.append(f"{split} ids: duplicated {dup}")
-    if problems:
-        raise DataValidationError(root, sorted(set(problems), key=problems.index))
+    _check_inputs(root, atlas_id, splits, names)
     for split, ids in splits.items():
         if atlas_id in ids:
             log(f"[learnsim-data] {split}: leaving out the atlas {atlas_id} (it is the fixed image)")
             splits[split] = [s for s in ids if s != atlas_id]
 
-    def files(sid: str) -> dict[str, Path | None]:
-        return {k: (root / sid / n if n else None) for k, n in names.items()}
-
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     remove_partials(out)
-    manifest_path = out / "manifest.json"
     if link_originals:
-        def absolute(sid: str) -> dict[str, str | None]:
-            return {k: str(p.resolve()) if p else None for k, p in files(sid).items()}
+        return _link_originals(root, atlas_id, splits, names, dims, out, log)
 
-        for split, ids in splits.items():
-            write_pairs_csv(out / f"{split}.csv", [pair_row(absolute(atlas_id), absolute(sid)) for sid in ids])
-        manifest = {
-            "what": "UK Biobank-style cohort, pair lists pointing at the original files",
-            "root": str(root.resolve()),
-            "atlas": atlas_id,
-            "dims": list(dims),
-            "names": names,
-            "splits": splits,
-        }
-        write_json(manifest_path, manifest)
-        log(
-            f"[learnsim-data] wrote pair lists for {sum(map(len, splits.values()))} subjects in {out} (originals linked)"
-        )
-        return manifest
+    header = Grid.from_nifti(root / atlas_id / image_name)
+    grid = target_grid(header.shape, header.affine, dims)
+    subjects = [_planned(root, atlas_id, "atlas", "atlas", names, grid, out, dims)]
+    subjects += [
+        _planned(root, sid, f"subjects/{sid}", split, names, grid, out, dims)
+        for split, ids in splits.items()
+        for sid in ids
+    ]
 
-    old = {
-        e["id"]: e
-        for e in read_manifest(manifest_path).get("volumes", [])
-        if isinstance(e, dict) and "id" in e
-    }
-    atlas_vol = Volume.load(root / atlas_id / image_name)
-    grid = target_grid(atlas_vol.data.shape, atlas_vol.affine, dims)
-    entries = []
-
-    def manifest(complete: bool) -> dict:
+    def manifest(entries: list[dict], complete: bool) -> dict:
         return {
             "what": "UK Biobank-style cohort preprocessed by learnsim (RAS, centred cube, resized, min-max [0, 1])",
             "complete": complete,
@@ -145,51 +177,7 @@ def build_ukbb(
             "volumes": entries,
         }
 
-    def process(sid: str, rel: str, split: str) -> dict:
-        f = files(sid)
-        spec = {
-            "version": UKBB_VERSION,
-            "dims": list(dims),
-            "inputs": {k: _fingerprint(p) for k, p in f.items() if p},
-        }
-        entry = {"id": rel, "subject": sid, "split": split, "spec": spec}
-        if is_finished(out, old.get(rel), spec):
-            entry["files"] = old[rel]["files"]
-            progress.step(f"[learnsim-data] {sid}: up to date")
-            return entry
-        p = preprocess(
-            Volume.load(f["image"]),
-            grid,
-            Volume.load(f["mask"]) if f["mask"] else None,
-            Volume.load(f["seg"]) if f["seg"] else None,
-        )
-        for note in p.notes:
-            progress.log(f"[learnsim-data]   {note}")
-        entry["files"] = write_subject(out, rel, p, image_name="image.nii.gz")
-        progress.step(f"[learnsim-data] {sid} ({split}): written to {out / rel}")
-        return entry
-
-    # one progress step per subject, the atlas included ("k/N" and the time left; a bar on a terminal)
-    progress = Progress(1 + sum(map(len, splits.values())), f"cohort -> {out}", log)
-    atlas_entry = process(atlas_id, "atlas", "atlas")
-    entries.append(atlas_entry)
-    write_json(manifest_path, manifest(False))
-    for split, ids in splits.items():
-        rows = []
-        for sid in ids:
-            e = process(sid, f"subjects/{sid}", split)
-            entries.append(e)
-            write_json(manifest_path, manifest(False))
-            rows.append(
-                pair_row(
-                    subject_files("atlas", atlas_entry["files"], "image.nii.gz"),
-                    subject_files(f"subjects/{sid}", e["files"], "image.nii.gz"),
-                )
-            )
-        write_pairs_csv(out / f"{split}.csv", rows)
-    progress.close()
-    final = manifest(True)
-    write_json(manifest_path, final)
+    final = write_cohort(out, subjects, manifest, f"cohort -> {out}", log, image_name="image.nii.gz")
     log(
         f"[learnsim-data] UK Biobank-style cohort in {out}: {sum(map(len, splits.values()))} subjects, dims {dims}, {time.time() - t0:.1f} s"
     )
