@@ -135,6 +135,85 @@ def read_pairs(csv_path: str | os.PathLike) -> tuple[list[dict[str, str]], list[
     return rows, header, problems
 
 
+class _Checker:
+    """The checks of :func:`validate_pairs`, row by row; every file is read once (summaries cached by path and
+    kind), every problem is collected in ``problems``."""
+
+    def __init__(self, root: Path, required: list[int], check_data: bool, single_fixed: bool, problems: list[str]):
+        self.root, self.required, self.check_data, self.single_fixed = root, required, check_data, single_fixed
+        self.problems = problems
+        self.cache: dict[tuple[Path, str], _Summary] = {}
+        self.seen_pairs: dict[tuple[Path, Path], int] = {}
+        self.atlas: tuple[Path, str] | None = None  # (first row's fixed image, its cell text)
+        self.same_as_atlas: dict[Path, bool] = {}
+
+    def cells(self, where: str, row: dict[str, str]) -> dict[str, Path | None]:
+        """Resolve every cell to a path and check its file (readable, 3D, finite, non-empty, required labels)."""
+        paths: dict[str, Path | None] = {}
+        for col in _ALL:
+            cell = row.get(col, "")
+            if not cell:
+                if col in REQUIRED_COLUMNS:
+                    self.problems.append(f"{where}, column '{col}': empty (a {col} image is required)")
+                paths[col] = None
+                continue
+            p = Path(cell).expanduser()
+            p = p if p.is_absolute() else self.root / p
+            paths[col] = p
+            kind = col.split("_")[1] if "_" in col else "image"
+            if (p, kind) not in self.cache:
+                self.cache[(p, kind)] = _summarise(p, kind, self.check_data)
+            s = self.cache[(p, kind)]
+            if s.error:
+                self.problems.append(f"{where}, column '{col}', file {cell}: {s.error}")
+            if kind == "seg" and s.labels and self.required:  # an empty map is reported once, above
+                absent = [r for r in self.required if r not in s.labels]
+                if absent:
+                    self.problems.append(
+                        f"{where}, column '{col}', file {cell}: label map is missing required structure(s) {absent}"
+                    )
+        return paths
+
+    def grids(self, where: str, row: dict[str, str], paths: dict[str, Path | None]) -> None:
+        """Mask and seg of each side must lie on the grid of that side's image."""
+        for side in ("fixed", "moving"):
+            ref = paths[side]
+            ref_s = self.cache.get((ref, "image")) if ref is not None else None
+            if ref_s is None or ref_s.grid is None:
+                continue
+            for col in (f"{side}_mask", f"{side}_seg"):
+                other = paths[col]
+                if other is None:
+                    continue
+                o = self.cache[(other, col.split("_")[1])]
+                if o.grid is not None and not (o.grid == ref_s.grid):
+                    self.problems.append(
+                        f"{where}, column '{col}', file {row[col]}: grid {o.grid!r} (affine {_fmt(o.grid.affine)}) disagrees "
+                        f"with column '{side}' file {row[side]}: {ref_s.grid!r} (affine {_fmt(ref_s.grid.affine)})"
+                    )
+
+    def pair(self, i: int, where: str, row: dict[str, str], fixed: Path, moving: Path) -> None:
+        """No pair twice; with ``single_fixed``, every row's fixed image is row 0's (the file or a copy)."""
+        ident = (fixed.resolve(), moving.resolve())
+        if ident in self.seen_pairs:
+            j = self.seen_pairs[ident]
+            self.problems.append(
+                f"{where}, columns 'fixed'/'moving', files {row['fixed']} / {row['moving']}: duplicates row {j} "
+                f"(line {j + 2}); each pair may appear once"
+            )
+        self.seen_pairs.setdefault(ident, i)
+        if self.atlas is None:
+            self.atlas = (ident[0], row["fixed"])
+        elif self.single_fixed and ident[0] != self.atlas[0]:
+            if ident[0] not in self.same_as_atlas:
+                self.same_as_atlas[ident[0]] = same_file(ident[0], self.atlas[0])
+            if not self.same_as_atlas[ident[0]]:
+                self.problems.append(
+                    f"{where}, column 'fixed', file {row['fixed']}: differs from row 0's fixed image {self.atlas[1]}; "
+                    "every pair of a list is registered to one fixed image (the atlas)"
+                )
+
+
 def validate_pairs(
     csv_path: str | os.PathLike,
     required_labels: Iterable[int] | None = None,
@@ -159,83 +238,15 @@ def validate_pairs(
     if any(c not in header for c in REQUIRED_COLUMNS) or not rows:
         raise DataValidationError(csv_path, problems)
     required = sorted({int(r) for r in required_labels}) if required_labels is not None else []
-    root = csv_path.parent
-    cache: dict[tuple[Path, str], _Summary] = {}
+    check = _Checker(csv_path.parent, required, check_data, single_fixed, problems)
     records = []
-    seen_pairs: dict[tuple[Path, Path], int] = {}
-    atlas: tuple[Path, str] | None = None  # (first row's fixed image, its cell text)
-    same_as_atlas: dict[Path, bool] = {}
     for i, row in enumerate(rows):
         where = f"row {i} (line {i + 2})"
-        paths: dict[str, Path | None] = {}
-        for col in _ALL:
-            cell = row.get(col, "")
-            if not cell:
-                if col in REQUIRED_COLUMNS:
-                    problems.append(f"{where}, column '{col}': empty (a {col} image is required)")
-                paths[col] = None
-                continue
-            p = Path(cell).expanduser()
-            p = p if p.is_absolute() else root / p
-            paths[col] = p
-            kind = col.split("_")[1] if "_" in col else "image"
-            key = (p, kind)
-            if key not in cache:
-                cache[key] = _summarise(p, kind, check_data)
-            s = cache[key]
-            if s.error:
-                problems.append(f"{where}, column '{col}', file {cell}: {s.error}")
-            if kind == "seg" and s.labels and required:  # an empty map is reported once, above
-                absent = [r for r in required if r not in s.labels]
-                if absent:
-                    problems.append(
-                        f"{where}, column '{col}', file {cell}: label map is missing required structure(s) {absent}"
-                    )
-        for side in ("fixed", "moving"):
-            ref = paths[side]
-            ref_s = cache.get((ref, "image")) if ref is not None else None
-            if ref_s is None or ref_s.grid is None:
-                continue
-            for col in (f"{side}_mask", f"{side}_seg"):
-                other = paths[col]
-                if other is None:
-                    continue
-                o = cache[(other, col.split("_")[1])]
-                if o.grid is not None and not (o.grid == ref_s.grid):
-                    problems.append(
-                        f"{where}, column '{col}', file {row[col]}: grid {o.grid!r} (affine {_fmt(o.grid.affine)}) disagrees "
-                        f"with column '{side}' file {row[side]}: {ref_s.grid!r} (affine {_fmt(ref_s.grid.affine)})"
-                    )
+        paths = check.cells(where, row)
+        check.grids(where, row, paths)
         if paths["fixed"] is not None and paths["moving"] is not None:
-            ident = (paths["fixed"].resolve(), paths["moving"].resolve())
-            if ident in seen_pairs:
-                j = seen_pairs[ident]
-                problems.append(
-                    f"{where}, columns 'fixed'/'moving', files {row['fixed']} / {row['moving']}: duplicates row {j} "
-                    f"(line {j + 2}); each pair may appear once"
-                )
-            seen_pairs.setdefault(ident, i)
-            if atlas is None:
-                atlas = (ident[0], row["fixed"])
-            elif single_fixed and ident[0] != atlas[0]:
-                if ident[0] not in same_as_atlas:
-                    same_as_atlas[ident[0]] = same_file(ident[0], atlas[0])
-                if not same_as_atlas[ident[0]]:
-                    problems.append(
-                        f"{where}, column 'fixed', file {row['fixed']}: differs from row 0's fixed image {atlas[1]}; "
-                        "every pair of a list is registered to one fixed image (the atlas)"
-                    )
-            records.append(
-                PairRecord(
-                    i,
-                    paths["fixed"],
-                    paths["moving"],
-                    paths["fixed_mask"],
-                    paths["moving_mask"],
-                    paths["fixed_seg"],
-                    paths["moving_seg"],
-                )
-            )
+            check.pair(i, where, row, paths["fixed"], paths["moving"])
+            records.append(PairRecord(i, **{c: paths[c] for c in _ALL}))
     if problems:
         raise DataValidationError(csv_path, problems)
     return records
