@@ -144,6 +144,90 @@ def _robust_max(*arrays: np.ndarray, q: float = 99.5) -> float:
     return top if top > 0 else max(float(vals.max(initial=0.0)), 1e-6)
 
 
+_OUTPUT_COLUMNS = (
+    "fixed",
+    "moving",
+    "warped",
+    "|fixed - warped|",
+    "deformed grid",
+    "|u| (mm)",
+    "uncertainty (mm)",
+)
+
+
+@dataclass(frozen=True)
+class _OutputImages:
+    """What the output grid shows, as ``[D, H, W]`` arrays, with each column's display maximum."""
+
+    images: dict[str, np.ndarray]  # "fixed", "moving", "warped"
+    diff: np.ndarray  # |fixed - warped|
+    mag: np.ndarray  # |u| in mm
+    u_vox: np.ndarray  # [3, D, H, W] displacement in voxels
+    unc: np.ndarray | None  # displacement std in mm
+    msk: np.ndarray | None  # bool brain mask
+    vmax: dict[str, float]  # per image name, and "diff", "mag", "unc"
+
+
+def _output_images(
+    fixed: Tensor | np.ndarray,
+    moving: Tensor | np.ndarray,
+    warped: Tensor | np.ndarray,
+    disp: Tensor,
+    aff: Tensor,
+    uncertainty: Tensor | np.ndarray | None,
+    mask: Tensor | np.ndarray | None,
+) -> _OutputImages:
+    f, m, w = _np3(fixed, "fixed"), _np3(moving, "moving"), _np3(warped, "warped")
+    if disp.dim() != 5 or disp.shape[:2] != (1, 3) or tuple(disp.shape[2:]) != f.shape:
+        raise ValueError(
+            f"output_grid: disp must be [1, 3, {', '.join(map(str, f.shape))}]; got {tuple(disp.shape)}"
+        )
+    u_vox = disp.detach().float().cpu()
+    mag = displacement_to_mm(u_vox, aff)[0].norm(dim=0).numpy()
+    unc = _np3(uncertainty, "uncertainty") if uncertainty is not None else None
+    msk = _np3(mask, "mask") > 0 if mask is not None else None
+    diff = np.abs(f - w)
+    vmax = {"fixed": _robust_max(f), "moving": _robust_max(m), "warped": _robust_max(w)}
+    vmax["diff"] = _robust_max(diff)
+    vmax["mag"] = _robust_max(mag, q=99.9)
+    # the uncertainty's range inside the brain: outside it the posterior is the prior's extrapolation
+    vmax["unc"] = (
+        _robust_max(unc[msk] if (unc is not None and msk is not None and msk.any()) else unc, q=99.9)
+        if unc is not None
+        else 1.0
+    )
+    return _OutputImages({"fixed": f, "moving": m, "warped": w}, diff, mag, u_vox[0].numpy(), unc, msk, vmax)
+
+
+def _show(ax, view: PlaneView, image: np.ndarray, **kw):
+    """``imshow`` of an already cut slice with the view's pixel aspect, no interpolation."""
+    return ax.imshow(image, aspect=view.aspect, interpolation="nearest", **kw)
+
+
+def _output_panel(ax, name: str, view: PlaneView, im: _OutputImages, grid_step: int):
+    """Draw column ``name`` of the output grid for one view; returns the image that gets a colour bar, or None."""
+    if name in im.images:
+        _show(ax, view, view.cut(im.images[name]), cmap="gray", vmin=0.0, vmax=im.vmax[name])
+        return None
+    if name == "|fixed - warped|":
+        return _show(ax, view, view.cut(im.diff), cmap="magma", vmin=0.0, vmax=im.vmax["diff"])
+    if name == "deformed grid":
+        _draw_grid(ax, view, im.u_vox, grid_step)
+        return None
+    if name == "|u| (mm)":
+        return _show(ax, view, view.cut(im.mag), cmap="viridis", vmin=0.0, vmax=im.vmax["mag"])
+    # the uncertainty, over the fixed image
+    _show(ax, view, view.cut(im.images["fixed"]), cmap="gray", vmin=0.0, vmax=im.vmax["fixed"])
+    if im.unc is None:
+        ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center", color="w")
+        return None
+    us = view.cut(im.unc)
+    hide = ~view.cut(im.msk) if im.msk is not None else np.zeros_like(us, dtype=bool)
+    return _show(
+        ax, view, np.ma.masked_array(us, hide), cmap="inferno", vmin=0.0, vmax=im.vmax["unc"], alpha=0.6
+    )
+
+
 def output_grid(
     path: str | os.PathLike,
     fixed: Tensor | np.ndarray,
@@ -173,37 +257,10 @@ def output_grid(
     The deformed grid shows ``phi = id + u`` applied to a regular grid of the fixed slice (in-plane components):
     where a line of the fixed grid lands in the moving image.
     """
-    f, m, w = _np3(fixed, "fixed"), _np3(moving, "moving"), _np3(warped, "warped")
-    if disp.dim() != 5 or disp.shape[:2] != (1, 3) or tuple(disp.shape[2:]) != f.shape:
-        raise ValueError(
-            f"output_grid: disp must be [1, 3, {', '.join(map(str, f.shape))}]; got {tuple(disp.shape)}"
-        )
     aff = affine_to_tensor(affine)
-    u_vox = disp.detach().float().cpu()
-    mag = displacement_to_mm(u_vox, aff)[0].norm(dim=0).numpy()
-    u_vox = u_vox[0].numpy()
-    unc = _np3(uncertainty, "uncertainty") if uncertainty is not None else None
-    msk = _np3(mask, "mask") > 0 if mask is not None else None
-    diff = np.abs(f - w)
-    views = plane_views(aff.numpy(), f.shape)
-
-    columns = [
-        "fixed",
-        "moving",
-        "warped",
-        "|fixed - warped|",
-        "deformed grid",
-        "|u| (mm)",
-        "uncertainty (mm)",
-    ]
-    vmax_img = {"fixed": _robust_max(f), "moving": _robust_max(m), "warped": _robust_max(w)}
-    vmax_diff = _robust_max(diff)
-    vmax_mag = _robust_max(mag, q=99.9)
-    vmax_unc = (
-        _robust_max(unc[msk] if (unc is not None and msk is not None and msk.any()) else unc, q=99.9)
-        if unc is not None
-        else 1.0
-    )
+    im = _output_images(fixed, moving, warped, disp, aff, uncertainty, mask)
+    views = plane_views(aff.numpy(), im.images["fixed"].shape)
+    columns = _OUTPUT_COLUMNS
 
     fig = Figure(figsize=(2.3 * len(columns), 2.4 * len(views) + 0.8), layout="constrained")
     # a thin last row holds one horizontal colour bar per quantitative column, so image rows stay aligned
@@ -211,66 +268,14 @@ def output_grid(
     axes = np.array([[fig.add_subplot(gs[r, c]) for c in range(len(columns))] for r in range(len(views))])
     mappables: dict[int, object] = {}
     for r, view in enumerate(views):
-        fs = view.cut(f)
         for c, name in enumerate(columns):
             ax = axes[r, c]
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=9)
-            if name in vmax_img:
-                src = {"fixed": f, "moving": m, "warped": w}[name]
-                ax.imshow(
-                    view.cut(src),
-                    cmap="gray",
-                    vmin=0.0,
-                    vmax=vmax_img[name],
-                    aspect=view.aspect,
-                    interpolation="nearest",
-                )
-            elif name == "|fixed - warped|":
-                mappables[c] = ax.imshow(
-                    view.cut(diff),
-                    cmap="magma",
-                    vmin=0.0,
-                    vmax=vmax_diff,
-                    aspect=view.aspect,
-                    interpolation="nearest",
-                )
-            elif name == "deformed grid":
-                _draw_grid(ax, view, u_vox, grid_step)
-            elif name == "|u| (mm)":
-                mappables[c] = ax.imshow(
-                    view.cut(mag),
-                    cmap="viridis",
-                    vmin=0.0,
-                    vmax=vmax_mag,
-                    aspect=view.aspect,
-                    interpolation="nearest",
-                )
-            else:
-                ax.imshow(
-                    fs,
-                    cmap="gray",
-                    vmin=0.0,
-                    vmax=vmax_img["fixed"],
-                    aspect=view.aspect,
-                    interpolation="nearest",
-                )
-                if unc is None:
-                    ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center", color="w")
-                else:
-                    us = view.cut(unc)
-                    hide = ~view.cut(msk) if msk is not None else np.zeros_like(us, dtype=bool)
-                    mappables[c] = ax.imshow(
-                        np.ma.masked_array(us, hide),
-                        cmap="inferno",
-                        vmin=0.0,
-                        vmax=vmax_unc,
-                        alpha=0.6,
-                        aspect=view.aspect,
-                        interpolation="nearest",
-                    )
+            if (shown := _output_panel(ax, name, view, im, grid_step)) is not None:
+                mappables[c] = shown
         axes[r, 0].set_ylabel(f"{view.name} ({'DHW'[view.normal]}={view.index})", fontsize=9)
         _edge_letters(axes[r, 0], view)
     for c in range(len(columns)):
@@ -374,6 +379,101 @@ def _mean_dsc(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def _overlay_center(base: np.ndarray, labels: Sequence[int]) -> list[int]:
+    """The centre voxel of the outlined structures in ``base``, or the grid centre when none is present."""
+    inside = np.isin(base, labels)
+    return [int(round(c)) for c in np.argwhere(inside).mean(axis=0)] if inside.any() else [n // 2 for n in base.shape]
+
+
+def _crop_windows(
+    segs: Sequence[np.ndarray], present: Sequence[int], crop_mm: float, spacing: np.ndarray, views: Sequence[PlaneView]
+) -> list[tuple[float, float, float, float]]:
+    """Per view, the display window ``(x0, x1, y0, y1)`` (displayed pixel indices) of the box around the
+    structures in any of ``segs``, grown by ``crop_mm`` (``spacing``: mm per voxel axis)."""
+    shape = segs[0].shape
+    union = np.zeros(shape, dtype=bool)
+    for seg in segs:
+        union |= np.isin(seg, present)
+    lo, hi = np.argwhere(union).min(axis=0), np.argwhere(union).max(axis=0)
+    margin = np.ceil(float(crop_mm) / spacing).astype(int)
+    lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, np.asarray(shape) - 1)
+    windows = []
+    for view in views:
+        rows = (lo[view.rows], hi[view.rows])
+        cols = (lo[view.cols], hi[view.cols])
+        if view.flip_rows:
+            rows = (shape[view.rows] - 1 - rows[1], shape[view.rows] - 1 - rows[0])
+        if view.flip_cols:
+            cols = (shape[view.cols] - 1 - cols[1], shape[view.cols] - 1 - cols[0])
+        windows.append((cols[0] - 0.5, cols[1] + 0.5, rows[1] + 0.5, rows[0] - 0.5))
+    return windows
+
+
+def _outline(ax, cut: np.ndarray, present: Sequence[int], colour_of, **kw) -> None:
+    """One contour per structure present in the slice ``cut``; ``colour_of(label)`` -> its colour(s)."""
+    for label in present:
+        m = cut == label
+        if m.any():
+            ax.contour(m.astype(np.float32), levels=[0.5], colors=colour_of(label), **kw)
+
+
+@dataclass(frozen=True)
+class _OverlayStyle:
+    present: list[int]  # structures outlined, in legend order
+    colours: dict[int, tuple[float, float, float]]
+    vmax: float  # grey window of the fixed image
+    linewidth: float
+    reference_outlines: bool
+
+
+def _overlay_panel(
+    ax,
+    view: PlaneView,
+    f: np.ndarray,
+    seg: np.ndarray,
+    ref: np.ndarray | None,
+    style: _OverlayStyle,
+    window: tuple[float, float, float, float] | None,
+) -> None:
+    """The fixed slice in grey, ``seg``'s outlines in colour, the atlas outlines dashed white (unless ``seg`` is
+    the atlas' own labels), zoomed to ``window``."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    img = view.cut(f)
+    ax.imshow(img, cmap="gray", vmin=0.0, vmax=style.vmax, aspect=view.aspect, interpolation="nearest")
+    _outline(ax, view.cut(seg), style.present, lambda k: [style.colours[k]], linewidths=style.linewidth, antialiased=True)
+    if style.reference_outlines and ref is not None and seg is not ref:
+        _outline(ax, view.cut(ref), style.present, lambda k: "white", linewidths=0.6, linestyles="dashed")
+    x0, x1, y0, y1 = window or (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect(view.aspect)
+
+
+def _overlay_figure(n_columns: int, n_views: int, panel_size: float, legend: bool, dpi: int):
+    """``(figure, gridspec, right edge of the panels as a figure fraction)``; panels on a fixed grid (in figure
+    fractions) so the PNG's size never depends on the content."""
+    width_px, height_px = label_overlay_size(n_columns, panel_size, legend, dpi)
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi))
+    left_frac = _OVERLAY_LEFT_IN / (width_px / dpi)
+    right_frac = (_OVERLAY_LEFT_IN + panel_size * n_columns) / (width_px / dpi)
+    top_frac = 1.0 - _OVERLAY_TITLE_IN / (height_px / dpi)
+    gs = fig.add_gridspec(
+        n_views, n_columns, left=left_frac, right=right_frac - 0.005, bottom=0.005, top=top_frac,
+        wspace=0.03, hspace=0.03,
+    )
+    return fig, gs, right_frac
+
+
+def _overlay_legend(fig, names: Mapping[int, str], style: _OverlayStyle, dashed: bool, right_frac: float) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=style.colours[k], linewidth=2.0, label=names[k]) for k in style.present]
+    if dashed:
+        handles.append(Line2D([], [], color="0.6", linewidth=1.0, linestyle="--", label="atlas outline"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(right_frac, 0.5), fontsize=7, frameon=False)
+
+
 def label_overlay(
     path: str | os.PathLike,
     fixed: Tensor | np.ndarray,
@@ -423,15 +523,9 @@ def label_overlay(
     ref = _labels_np(fixed_seg, "fixed_seg", shape)
     before = _labels_np(moving_seg, "moving_seg", shape)
     names = dict(STRUCTURES if structures is None else structures)
-    colours = structure_colours(list(names))
     labels = list(names)
-
     if center is None:
-        base = ref if ref is not None else warped
-        inside = np.isin(base, labels)
-        center = (
-            [int(round(c)) for c in np.argwhere(inside).mean(axis=0)] if inside.any() else [n // 2 for n in shape]
-        )
+        center = _overlay_center(ref if ref is not None else warped, labels)
     aff = affine_to_numpy(affine)
     views = plane_views(aff, shape, center)
 
@@ -442,36 +536,12 @@ def label_overlay(
         columns.append(("before (affine only)", before))
     columns.append(("after (registered)", warped))
     present = [k for k in labels if any((seg == k).any() for _, seg in columns)]
-    vmax = _robust_max(f)
-
-    # display window per view: the structures' box (all columns) grown by crop_mm, in displayed pixel indices
-    windows: list[tuple[float, float, float, float] | None] = [None] * len(views)
+    style = _OverlayStyle(present, structure_colours(labels), _robust_max(f), linewidth, reference_outlines)
+    windows: list = [None] * len(views)
     if crop_mm is not None and present:
-        union = np.zeros(shape, dtype=bool)
-        for _, seg in columns:
-            union |= np.isin(seg, present)
-        lo, hi = np.argwhere(union).min(axis=0), np.argwhere(union).max(axis=0)
-        margin = np.ceil(float(crop_mm) / np.linalg.norm(aff[:3, :3], axis=0)).astype(int)
-        lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, np.asarray(shape) - 1)
-        for i, view in enumerate(views):
-            rows = (lo[view.rows], hi[view.rows])
-            cols = (lo[view.cols], hi[view.cols])
-            if view.flip_rows:
-                rows = (shape[view.rows] - 1 - rows[1], shape[view.rows] - 1 - rows[0])
-            if view.flip_cols:
-                cols = (shape[view.cols] - 1 - cols[1], shape[view.cols] - 1 - cols[0])
-            windows[i] = (cols[0] - 0.5, cols[1] + 0.5, rows[1] + 0.5, rows[0] - 0.5)
+        windows = _crop_windows([seg for _, seg in columns], present, crop_mm, np.linalg.norm(aff[:3, :3], axis=0), views)
 
-    width_px, height_px = label_overlay_size(len(columns), panel_size, legend, dpi)
-    fig = Figure(figsize=(width_px / dpi, height_px / dpi))
-    # panels on a fixed grid (in figure fractions) so the PNG's size never depends on the content
-    left_frac = _OVERLAY_LEFT_IN / (width_px / dpi)
-    right_frac = (_OVERLAY_LEFT_IN + panel_size * len(columns)) / (width_px / dpi)
-    top_frac = 1.0 - _OVERLAY_TITLE_IN / (height_px / dpi)
-    gs = fig.add_gridspec(
-        len(views), len(columns), left=left_frac, right=right_frac - 0.005, bottom=0.005, top=top_frac,
-        wspace=0.03, hspace=0.03,
-    )
+    fig, gs, right_frac = _overlay_figure(len(columns), len(views), panel_size, legend, dpi)
     # DSC over the structures the moving segmentation labels at all (as the evaluator: others were never registrable)
     scored = [k for k in labels if (before == k).any()] if before is not None else labels
     for c, (name, seg) in enumerate(columns):
@@ -480,45 +550,14 @@ def label_overlay(
             col_title += f"\nmean DSC {_mean_dsc(seg, ref, scored):.3f}"
         for r, view in enumerate(views):
             ax = fig.add_subplot(gs[r, c])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            img = view.cut(f)
-            ax.imshow(img, cmap="gray", vmin=0.0, vmax=vmax, aspect=view.aspect, interpolation="nearest")
-            cut = view.cut(seg)
-            for label in present:
-                m = cut == label
-                if m.any():
-                    ax.contour(
-                        m.astype(np.float32), levels=[0.5], colors=[colours[label]], linewidths=linewidth,
-                        antialiased=True,
-                    )
-            if reference_outlines and ref is not None and seg is not ref:
-                rcut = view.cut(ref)
-                for label in present:
-                    m = rcut == label
-                    if m.any():
-                        ax.contour(
-                            m.astype(np.float32), levels=[0.5], colors="white", linewidths=0.6,
-                            linestyles="dashed",
-                        )
-            x0, x1, y0, y1 = windows[r] or (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)
-            ax.set_xlim(x0, x1)
-            ax.set_ylim(y0, y1)
-            ax.set_aspect(view.aspect)
+            _overlay_panel(ax, view, f, seg, ref, style, windows[r])
             if r == 0:
                 ax.set_title(col_title, fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{view.name} ({'DHW'[view.normal]}={view.index})", fontsize=8)
                 _edge_letters(ax, view)
     if legend and present:
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], color=colours[k], linewidth=2.0, label=names[k]) for k in present]
-        if reference_outlines and ref is not None and len(columns) > 1:
-            handles.append(Line2D([], [], color="0.6", linewidth=1.0, linestyle="--", label="atlas outline"))
-        fig.legend(
-            handles=handles, loc="center left", bbox_to_anchor=(right_frac, 0.5), fontsize=7, frameon=False,
-        )
+        _overlay_legend(fig, names, style, reference_outlines and ref is not None and len(columns) > 1, right_frac)
     if title:
         fig.suptitle(title, fontsize=9, y=0.995)
     return _save(fig, path, dpi)
