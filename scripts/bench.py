@@ -28,8 +28,9 @@ peak growth of the process's resident set (``/proc/self/statm`` sampled every 2 
 ``--dtype bf16`` runs learnsim with ``amp=True`` (energies in bf16 autocast on CUDA) and the reference under the
 same autocast; on CPU learnsim's amp is off, so bf16 is refused there.
 
-Also prints VoxelMorph inference time per pair when ``learnsim.voxelmorph.VoxelMorphNet`` is importable, and
-with ``--proposals`` times ``fit`` with the proposed hot-path changes below patched in (see ``proposed_*``).
+Also prints VoxelMorph inference time per pair when ``learnsim.voxelmorph.VoxelMorphNet`` is importable.
+``--proposals`` is kept for old command lines: every hot-path proposal it timed has been adopted (shifted-view
+filters, fused Adam), so there is nothing left to time and its table is empty.
 
 On a CPU shared with other jobs use ``--threads 1 --cpu-time``: two OpenMP threads next to a busy process ran
 elementwise ops ~10x slower in wall time here, and wall time counts time the scheduler gave to others.
@@ -55,7 +56,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from learnsim.energies import RegLossL2
+from learnsim.defaults import PAPER
+from learnsim.energies import EnergyKind
 from learnsim.kernels import get_backend, use_backend
 from learnsim.metric import build_metric
 from learnsim.reference import reference_q_v_loss
@@ -65,11 +67,14 @@ from learnsim.spatial import gaussian_smooth, integrate_svf, warp
 from learnsim.transformation import SVF
 
 KINDS = ("ssd", "lcc", "cnn_ssd", "cnn_lcc")
-NO_STEPS = 12
+NO_STEPS = PAPER[EnergyKind.SSD].no_steps  # 12 squarings, both energies
 FAST_MODE = {"no_steps": "auto", "int_downsize": 2}  # transformation settings of learnsim's fast mode
-UNIFORM_NOISE = 0.1
-W_REG = {"ssd": 1.8, "cnn_ssd": 1.8, "lcc": 2.8, "cnn_lcc": 2.8}
-LR = {"ssd": 0.01, "cnn_ssd": 0.01, "lcc": 0.02, "cnn_lcc": 0.02}
+UNIFORM_NOISE = PAPER[EnergyKind.SSD].uniform_noise  # 0.1 voxel, both energies
+
+
+def paper(kind: str):
+    """The paper's q_v settings of a case (``"cnn_lcc"`` -> LCC's): :data:`learnsim.defaults.PAPER`."""
+    return PAPER[EnergyKind(kind.removeprefix("cnn_"))]
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -213,18 +218,9 @@ def make_metric(kind: str, device: torch.device):
 def make_registration(
     kind: str, metric, device: torch.device, amp: bool, transformation: SVF | None = None
 ) -> VariationalRegistration:
-    """The q_v fitter with the original's settings (12 squarings, Sobolev s=3 lambda=0.5, noise 0.1 voxel), or
-    with another ``transformation`` (fast mode: :data:`FAST_MODE`)."""
-    sobolev = SobolevSmoother(True, 3, 0.5).to(device)
-    return VariationalRegistration(
-        metric,
-        transformation if transformation is not None else SVF(NO_STEPS),
-        RegLossL2(W_REG[kind]),
-        sobolev,
-        lr=LR[kind],
-        uniform_noise=UNIFORM_NOISE,
-        amp=amp,
-    )
+    """The q_v fitter with the paper's settings (:meth:`VariationalRegistration.paper`: 12 squarings, Sobolev s=3
+    lambda=0.5, noise 0.1 voxel), or with another ``transformation`` (fast mode: :data:`FAST_MODE`)."""
+    return VariationalRegistration.paper(metric, transformation=transformation, amp=amp)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -255,7 +251,8 @@ def time_reference(
 ) -> tuple[list[float], float | None]:
     device = moving.device
     b, shape = moving.shape[0], tuple(moving.shape[2:])
-    kernel = SobolevSmoother(True, 3, 0.5).kernel.to(device)
+    settings = paper(kind)
+    kernel = SobolevSmoother(True, settings.sobolev_s, settings.sobolev_lambda).kernel.to(device)
     metric.eval()
     requires = [p.requires_grad for p in metric.parameters()]
     for p in metric.parameters():
@@ -267,7 +264,7 @@ def time_reference(
             mu = torch.zeros(b, 3, *shape, device=device, requires_grad=True)
             log_var = torch.full((b, 3, *shape), 2 * math.log(0.5), device=device, requires_grad=True)
             u = torch.full((b, 1, 3, *shape), 0.1, device=device, requires_grad=True)
-            opt = torch.optim.Adam([mu, log_var, u], lr=LR[kind])
+            opt = torch.optim.Adam([mu, log_var, u], lr=settings.lr)
             timer.mark()
             for _ in range(warmup + iters):
                 eps = torch.randn(b, 3, *shape, device=device)
@@ -284,7 +281,7 @@ def time_reference(
                         eps,
                         xi,
                         metric,
-                        W_REG[kind],
+                        settings.w_reg,
                         NO_STEPS,
                         kernel,
                         noise,
@@ -425,135 +422,6 @@ def bench_voxelmorph(fixed, moving, warmup: int, iters: int) -> dict:
         return {"status": f"n/a ({type(exc).__name__}: {exc})"}
 
 
-# ------------------------------------------------------------------------------------------------ proposals
-# PROPOSALS for the hot path (owners: spatial.py, energies.py, sobolev.py, registration.py / module.py). Same
-# maths; ``--proposals`` times ``fit`` with them patched in against the current code, in the same process, and
-# checks that the loss is unchanged for the same draws. The shifted-view filter has been adopted (so those
-# patches now time learnsim against itself); fused Adam is still a proposal.
-
-
-def proposed_separable_filter(field: torch.Tensor, weights, padding_mode: str = "replicate") -> torch.Tensor:
-    """The shifted-view filter, now adopted as :func:`learnsim.spatial.separable_filter` (weights as floats)."""
-    from learnsim.spatial import separable_filter
-
-    return separable_filter(field, [float(w) for w in weights], padding_mode)
-
-
-def proposed_lcc_terms(fixed, warped, radius: int = 1, kernel=None, eps: float = 1e-5):
-    """:func:`learnsim.energies.lcc_terms` with the window sums by :func:`proposed_separable_filter`.
-
-    A learnt window (a tensor that requires grad) keeps the current conv path.
-    """
-    if kernel is not None and kernel.requires_grad:
-        return _CURRENT["lcc_terms"](fixed, warped, radius, kernel, eps)
-    size = 2 * radius + 1
-    weights = [1.0] * size if kernel is None else kernel.tolist()
-    n = float(sum(weights)) ** 3
-    if fixed.shape[0] != warped.shape[0]:
-        fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
-    c = fixed.shape[1]
-    stats = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    s_f, s_m, s_ff, s_mm, s_fm = proposed_separable_filter(stats, weights).split(c, dim=1)
-    mean_f, mean_m = s_f / n, s_m / n
-    cross = s_fm - n * mean_f * mean_m
-    var_f = s_ff - n * mean_f * mean_f
-    var_m = s_mm - n * mean_m * mean_m
-    return cross * cross / (var_f * var_m + eps)
-
-
-def _proposed_sobolev_forward(self, field):
-    """``SobolevSmoother.forward`` with the kernel as cached Python floats and the slice filter (identity backward)."""
-    if not self.enabled:
-        return field
-    weights = getattr(self, "_weights", None)
-    if weights is None:
-        weights = self._weights = tuple(self.kernel.tolist())  # once; the owner would do it in __init__
-    return _SliceSmoothIdentityBackward.apply(field, weights)
-
-
-class _SliceSmoothIdentityBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, field, weights):  # type: ignore[override]
-        return proposed_separable_filter(field, weights)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad, None
-
-
-_CURRENT: dict = {}
-
-
-@contextlib.contextmanager
-def proposed_hot_path():
-    """Patch the proposals into learnsim for the duration of the block (benchmark only)."""
-    from learnsim import energies, sobolev
-
-    _CURRENT.update(lcc_terms=energies.lcc_terms, sobolev_forward=sobolev.SobolevSmoother.forward)
-    energies.lcc_terms = proposed_lcc_terms  # lcc() looks lcc_terms up in the module at call time
-    sobolev.SobolevSmoother.forward = _proposed_sobolev_forward
-    try:
-        yield
-    finally:
-        energies.lcc_terms = _CURRENT["lcc_terms"]
-        sobolev.SobolevSmoother.forward = _CURRENT["sobolev_forward"]
-
-
-def fused_adam(reg: VariationalRegistration, device: torch.device) -> torch.optim.Optimizer:
-    """PROPOSAL: ``Adam(..., fused=True)`` for q_v (in ``fit`` and in the training module's q_v optimiser).
-
-    ``fit`` points the optimiser's single param group at its own leaves, so a placeholder parameter will do.
-    """
-    return torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], lr=reg.lr, fused=True)
-
-
-def bench_proposal(kind: str, metric, fixed, moving, mask, args, bf16: bool) -> dict:
-    """Time ``fit`` current vs proposed (slice filters + fused Adam), interleaved twice; check the loss is unchanged."""
-    device = moving.device
-    reg = make_registration(kind, metric, device, amp=bf16)
-    params = reg.init_params(moving.shape[0], moving.shape[2:], device)
-    with torch.no_grad():
-        ff = metric.features(fixed)
-        # compare data + regulariser (the entropy dominates the loss's value and is untouched)
-        a = (
-            reg.loss(params, ff, moving, mask, True, torch.Generator(device).manual_seed(5))
-            + params.entropy()
-        )
-        with proposed_hot_path():
-            b = (
-                reg.loss(params, ff, moving, mask, True, torch.Generator(device).manual_seed(5))
-                + params.entropy()
-            )
-    rel = float(((a - b).abs() / a.abs()).max())
-    cur: list[float] = []
-    new: list[float] = []
-    for _ in range(2):  # interleaved: drifting background load hits both alike
-        cur += time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)[0]
-        with proposed_hot_path():
-            timer = Timer(device)
-            reg.fit(
-                fixed,
-                moving,
-                mask,
-                no_iters=args.warmup + args.iters,
-                training=True,
-                optimizer=fused_adam(reg, device),
-                progress=timer.mark,
-                log_every=1,
-            )
-            new += timer.intervals_ms()[args.warmup - 1 :]
-    c, n = _median(cur), _median(new)
-    return {
-        "case": kind,
-        "batch": moving.shape[0],
-        "current_ms": c,
-        "proposed_ms": n,
-        "delta_pct": 100.0 * (n - c) / c,
-        "loss_rel_diff": rel,
-        "same_loss": rel < 1e-5,
-    }
-
-
 # ------------------------------------------------------------------------------------------------ driver
 @dataclass
 class Record:
@@ -605,9 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of all paths (noisy machines: 2-3)")
     p.add_argument("--no-integration", action="store_true", help="skip (c), integration + warp vs MONAI")
-    p.add_argument(
-        "--proposals", action="store_true", help="also time fit with the proposed hot-path changes"
-    )
+    p.add_argument("--proposals", action="store_true", help="kept for old command lines; all proposals adopted (no-op)")
     p.add_argument(
         "--peak-gbs",
         type=float,
@@ -733,8 +599,6 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", PyTorch path {_fmt(rec.torch_path_ms)} ms" if rec.torch_path_ms else ""),
                 flush=True,
             )
-            if args.proposals:
-                proposals.append(bench_proposal(kind, metric, fixed, moving, mask, args, bf16))
 
     print()
     print(
@@ -755,14 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         print("\n(CPU peak memory: growth of the resident set during the case, sampled; approximate)")
 
-    if proposals:
-        print("\n| case | batch | ms/iter learnsim | ms/iter proposed | delta | same loss |")
-        print("|---|---|---|---|---|---|")
-        for p in proposals:
-            print(
-                f"| {p['case']} | {p['batch']} | {_fmt(p['current_ms'])} | {_fmt(p['proposed_ms'])} | "
-                f"{_fmt(p['delta_pct'], '+.1f')}% | {p['same_loss']} ({p['loss_rel_diff']:.0e}) |"
-            )
+    if args.proposals:
+        print("\n(--proposals: every hot-path proposal has been adopted; nothing left to time)")
 
     integration: list[dict] = []
     if not args.no_integration:

@@ -14,6 +14,9 @@ from hydra.utils import instantiate
 
 from learnsim.cli import register as register_cli
 from learnsim.cli.config import config_dir
+from learnsim.defaults import PAPER
+from learnsim.energies import EnergyKind
+from learnsim.registration import VariationalRegistration
 
 CONF = config_dir()
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
@@ -41,8 +44,18 @@ def test_every_experiment_composes(experiment, config):
 def test_paper_settings_are_the_defaults():
     ssd = _compose("train", ["+experiment=ssd"])
     lcc = _compose("train", ["+experiment=lcc"])
-    assert (ssd.reg_loss.w_reg, ssd.optimizer.q_v.lr, ssd.q_v.no_iters) == (1.8, 0.01, 1024)
-    assert (lcc.reg_loss.w_reg, lcc.optimizer.q_v.lr, lcc.q_v.no_iters) == (2.8, 0.02, 1344)
+    for cfg, energy in ((ssd, EnergyKind.SSD), (lcc, EnergyKind.LCC)):  # the configs state learnsim.defaults.PAPER
+        p = PAPER[energy]
+        assert (cfg.reg_loss.w_reg, cfg.q_v.lr, cfg.q_v.no_iters) == (p.w_reg, p.lr, p.no_iters)
+        assert (cfg.transformation.no_steps, cfg.sobolev.s, cfg.sobolev.lam) == (p.no_steps, p.sobolev_s, p.sobolev_lambda)
+        assert (cfg.q_v.sigma_init, cfg.q_v.u_init, cfg.q_v.rank, cfg.uniform_noise) == (
+            p.sigma_init, p.u_init, p.rank, p.uniform_noise)
+        built = instantiate(cfg.registration)(metric=instantiate(cfg.metric))  # the one builder, from config
+        paper = VariationalRegistration.paper(instantiate(cfg.metric))  # the one table
+        for key in ("no_iters", "lr", "sigma_init", "u_init", "rank", "uniform_noise"):
+            assert getattr(built, key) == getattr(paper, key), key
+        assert built.reg.w_reg == paper.reg.w_reg and built.transformation.no_steps == paper.transformation.no_steps
+    assert "lr" not in ssd.optimizer.q_v  # q_v's learning rate has one spelling: q_v.lr
     assert ssd.metric.no_features == [4, 8, 8] and ssd.transformation.no_steps == 12
     assert (ssd.q_v.sigma_init, ssd.q_v.u_init, ssd.q_f.sigma_init, ssd.q_f.u_init) == (0.5, 0.1, 0.1, 0.1)
     assert (ssd.optimizer.q_f.lr, ssd.optimizer.q_phi.lr) == (1e-3, 1e-5)

@@ -18,6 +18,7 @@ from learnsim.evaluation.aggregate import FoldingPercent, MeanASD, MeanDSC, dice
 from learnsim.evaluation.metrics import structure_metrics
 from learnsim.metric import CNNSSD
 from learnsim.module import LearnSimModule
+from learnsim.registration import VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import gaussian_smooth, integrate_svf, warp, warp_labels
 from learnsim.transformation import SVF
@@ -178,11 +179,11 @@ class _Recorder(pl.Callback):
 
 def _validate(tmp_path: Path, devices: int) -> dict[str, float]:
     torch.manual_seed(0)
-    module = LearnSimModule(
-        CNNSSD(no_features=(2, 4)), SVF(4), RegLossL2(1.8), SobolevSmoother(True, 1, 0.5), dims=DIMS,
-        q_v={"no_iters": 3, "sigma_init": 0.5, "u_init": 0.1}, state_dir=str(tmp_path / f"state{devices}"),
-        no_iters_val=3, log_period=2,
-    )
+    metric = CNNSSD(no_features=(2, 4))
+    registration = VariationalRegistration(metric, SVF(4), RegLossL2(1.8), SobolevSmoother(True, 1, 0.5), no_iters=3,
+                                           sigma_init=0.5, u_init=0.1)
+    module = LearnSimModule(metric, registration, dims=DIMS, state_dir=str(tmp_path / f"state{devices}"),
+                            no_iters_val=3, log_period=2)
     out = tmp_path / f"val{devices}.pt"
     kw = {"strategy": ManualSyncDDPStrategy(start_method="spawn", process_group_backend="gloo")} if devices > 1 else {}
     trainer = pl.Trainer(

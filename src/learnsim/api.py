@@ -5,39 +5,34 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from learnsim.energies import RegLossL2
-from learnsim.evaluation.uncertainty import displacement_std_mm
+from learnsim.checkpoint import checkpoint_settings, load_checkpoint
+from learnsim.defaults import PAPER, REGISTER, REGISTER_HISTMATCH
+from learnsim.energies import EnergyKind
 from learnsim.grid import affine_to_tensor
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.registration import FitResult, LevelSchedule, VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
-from learnsim.transformation import SVF, SVFFD
+from learnsim.transformation import TransformationKind
 
 __all__ = ["load_metric", "load_checkpoint", "checkpoint_settings", "register", "RegistrationOutput", "DEFAULTS",
            "REGISTER_DEFAULTS", "register_schedule", "resolve_device"]
 
-# The original code's per-metric settings (SPEC section 3-4)
+# Read-only views of learnsim.defaults, for callers of the former tables (the paper's per-energy settings, and what
+# learnsim.register uses when the caller says nothing)
 DEFAULTS: dict[str, dict[str, float]] = {
-    "ssd": {"w_reg": 1.8, "lr": 0.01, "no_iters": 1024},
-    "lcc": {"w_reg": 2.8, "lr": 0.02, "no_iters": 1344},
+    str(k): {"w_reg": p.w_reg, "lr": p.lr, "no_iters": p.no_iters} for k, p in PAPER.items()
 }
-
-# What learnsim.register / learnsim-register use when the caller says nothing (chosen by measurement on the demo
-# test pairs: README, "Defaults of learnsim-register"). ``data_weight`` applies to the baselines only (a learnt
-# metric keeps its own weight); ``level_iters`` / ``level_lr`` are coarsest level first.
 REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ssd": {"levels": 3, "level_iters": (200, 100, 50), "level_lr": (0.05, 0.05, 0.05), "data_weight": 100.0},
-    "lcc": {"levels": 3, "level_iters": (200, 100, 50), "level_lr": (0.05, 0.05, 0.05), "data_weight": 10.0},
+    str(k): {"levels": r.levels, "level_iters": r.level_iters, "level_lr": r.level_lr, "data_weight": r.data_weight}
+    for k, r in REGISTER.items()
 }
-REGISTER_HISTMATCH = True
 
 
 def register_schedule(
@@ -56,7 +51,7 @@ def register_schedule(
       with no ``no_iters``: the paper's :data:`DEFAULTS`);
     * ``lr`` sets every level's rate unless ``level_lr`` is given.
     """
-    d, paper = REGISTER_DEFAULTS[energy], DEFAULTS[energy]
+    d, paper = REGISTER_DEFAULTS[str(energy)], DEFAULTS[str(energy)]
     if level_iters is not None:
         level_iters = [int(n) for n in level_iters]
         levels = len(level_iters) if levels is None else levels
@@ -84,68 +79,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_checkpoint(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a learnsim checkpoint safely: ``torch.load(weights_only=True)`` (no code from the file is run).
-
-    Raises:
-        FileNotFoundError: naming the checkpoint if it does not exist.
-        ValueError: naming the checkpoint if it is not a torch checkpoint holding only tensors and plain Python
-            values (a text file, a foreign pickle, a truncated file), or has no ``state_dict``.
-    """
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...: the user needs the file name
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"{path}: not a learnsim checkpoint (cannot be read as a torch checkpoint of tensors and plain values: {first})"
-        ) from exc
-    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
-        raise ValueError(f"{path}: not a learnsim checkpoint (no state_dict)")
-    return state
-
-
-def checkpoint_settings(state: dict) -> dict[str, Any]:
-    """The registration settings a checkpoint's training run used, as :func:`register` keywords.
-
-    ``histmatch`` (from ``data.intensity``) and ``no_steps`` (from ``transformation.no_steps``), where the
-    checkpoint's stored run config says; an empty dict for checkpoints without one.
-    """
-    cfg = state.get("learnsim_config") or {}
-    out: dict[str, Any] = {}
-    intensity = (cfg.get("data") or {}).get("intensity")
-    if intensity in ("minmax", "histmatch"):
-        out["histmatch"] = intensity == "histmatch"
-    no_steps = (cfg.get("transformation") or {}).get("no_steps")
-    if isinstance(no_steps, int):
-        out["no_steps"] = no_steps
-    return out
-
-
 def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> SimilarityMetric:
-    """Rebuild the learnt metric of a learnsim training checkpoint (no Hydra needed).
-
-    The file is read with ``weights_only=True`` (:func:`load_checkpoint`).
-
-    Raises:
-        FileNotFoundError: naming the checkpoint if it does not exist.
-        ValueError: naming the checkpoint if it holds no learnsim metric.
-    """
-    path = Path(ckpt)
-    state = load_checkpoint(path, map_location)
-    spec = (state.get("hyper_parameters") or {}).get("metric_spec")
-    if spec is None:
-        raise ValueError(f"{path}: not a learnsim checkpoint (no hyper_parameters.metric_spec)")
-    spec = dict(spec)
-    metric = build_metric(spec.pop("kind"), **{k: v for k, v in spec.items() if k != "learnable"})
-    prefix = "metric."
-    weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-    missing, unexpected = metric.load_state_dict(weights, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("window")]:
-        raise ValueError(f"{path}: metric weights do not match its spec (missing {missing}, unexpected {unexpected})")
-    return metric.eval()
+    """The learnt metric of a learnsim training checkpoint: :meth:`SimilarityMetric.from_checkpoint`."""
+    return SimilarityMetric.from_checkpoint(ckpt, map_location)
 
 
 def _check_not_constant(x: np.ndarray | Tensor, name: str, mask: np.ndarray | Tensor | None = None) -> None:
@@ -178,7 +114,8 @@ def _check_settings(**kw: Any) -> None:
         "sobolev_lambda": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
         "histmatch": (lambda v: isinstance(v, bool), "true or false"),
         "sobolev": (lambda v: isinstance(v, bool), "true or false"),
-        "transformation": (lambda v: v in ("svf", "svffd"), "'svf' or 'svffd'"),
+        "dims": (lambda v: v is None or all(int(d) >= 1 for d in ((v,) if isinstance(v, int) else v)), "positive"),
+        "transformation": (lambda v: v in tuple(TransformationKind), " or ".join(f"'{k}'" for k in TransformationKind)),
     }
     for key, value in kw.items():
         ok, expected = rules[key]
@@ -275,149 +212,174 @@ def register(
 
     Args:
         fixed, moving: tensors (``[D, H, W]`` or ``[1, 1, D, H, W]``, already on one grid, intensities in [0, 1])
-            or NIfTI paths. Paths are preprocessed with the same code as training data: the fixed image defines
-            the grid (its own grid, or a padded cube of ``dims`` voxels), the moving image (and its segmentation)
-            are resampled into it **through their affines** (same world space, e.g. MNI-aligned) and min-max
-            scaled; ``notes`` says what was resampled.
+            or NIfTI paths, preprocessed as training data are: the fixed image defines the grid (its own, or a
+            padded cube of ``dims`` voxels), the moving image (and its segmentation) are resampled into it
+            **through their affines** (same world space) and min-max scaled; ``notes`` says what was done.
         metric: ``"ssd"``, ``"lcc"`` (baselines), a checkpoint path (``*.ckpt``: its learnt metric) or a
             :class:`~learnsim.metric.SimilarityMetric`.
-        moving_seg: label map to warp (nearest).
-        fixed_mask: energies are summed inside it (all voxels if None).
+        moving_seg: label map to warp (nearest). fixed_mask: energies are summed inside it (all voxels if None).
         affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths.
         transformation: ``"svf"`` or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
-        levels, level_iters, level_lr: the coarse-to-fine schedule (:meth:`VariationalRegistration.fit_levels`;
-            lists coarsest level first); resolved by :func:`register_schedule`: nothing given is
-            :data:`REGISTER_DEFAULTS` (3 levels, 200/100/50 steps); ``no_iters`` alone is one level of that many
-            steps (the paper's schedule with ``no_iters=1024`` / ``1344``).
-        no_iters, lr: see above; ``lr`` sets every level's learning rate.
-        w_reg: defaults to the original setting of the metric's energy (SSD 1.8, LCC 2.8).
-        data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``). None: for the
-            ``"ssd"`` / ``"lcc"`` baselines :data:`REGISTER_DEFAULTS` (SSD 100, LCC 10: README, "Defaults of
-            learnsim-register"), a learnt metric keeps its own.
+        levels, level_iters, level_lr, no_iters, lr: the q_v schedule (lists coarsest level first), resolved by
+            :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels, 200/100/50
+            steps); ``no_iters`` alone is one level of that many steps (the paper's: 1024 SSD / 1344 LCC); ``lr``
+            sets every level's learning rate.
+        w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
+        data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``). None: SSD 100,
+            LCC 10 for the baselines (:data:`learnsim.defaults.REGISTER`), a learnt metric keeps its own.
         histmatch: match the moving image's histogram (inside its non-zero voxels) to the fixed image's (inside
-            ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`); on by default.
-        progress: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels).
-        on_level: ``on_level(level, no_levels, shape, no_iters)`` before each level.
+            ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`).
+        progress: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels);
+            on_level: ``on_level(level, no_levels, shape, no_iters)`` before each level.
     """
     _check_settings(no_iters=no_iters, no_steps=no_steps, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
                     lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
-                    sobolev=sobolev, transformation=transformation)
-    if dims is not None and not all(int(d) >= 1 for d in ((dims,) if isinstance(dims, int) else dims)):
-        raise ValueError(f"dims must be positive; got {dims!r}")
+                    sobolev=sobolev, transformation=transformation, dims=dims)
+    kind = TransformationKind(transformation)
     dev = resolve_device(device)
-    notes: list[str] = []
+    metric = _resolve_metric(metric, data_weight)
+    schedule = register_schedule(metric.energy_kind, levels, no_iters, lr, level_iters, level_lr)
+    if schedule.levels > 1 and kind is not TransformationKind.SVF:
+        raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
+
+    if isinstance(fixed, Tensor) and isinstance(moving, Tensor):
+        inputs = _tensor_inputs(fixed, moving, moving_seg, fixed_mask, affine)
+    else:
+        inputs = _file_inputs(fixed, moving, moving_seg, fixed_mask, dims)
+    if histmatch:
+        inputs.match_histogram()
+
+    torch.manual_seed(seed)
+    reg = VariationalRegistration.paper(
+        metric.to(dev), w_reg=w_reg, transformation=kind.build(no_steps, cps),
+        sobolev=SobolevSmoother(sobolev, sobolev_s, sobolev_lambda).to(dev),
+        no_iters=schedule.iters[-1], lr=schedule.lr[-1], sigma_init=sigma_init, u_init=u_init, rank=rank,
+        uniform_noise=0.0, levels=schedule.levels, level_iters=schedule.iters, level_lr=schedule.lr,
+    )
+    moving_t, mask_t = inputs.moving.to(dev), (inputs.mask.to(dev) if inputs.mask is not None else None)
+    fit = reg.fit_levels(inputs.fixed.to(dev), moving_t, mask_t, progress=progress, log_every=4 if progress else 0,
+                         on_level=on_level)
+    out = _outputs(reg, fit, moving_t, inputs.seg, inputs.affine, no_samples, inputs.notes)
+    back = inputs.back_to_fixed
+    return _reorient(out, back) if back is not None and not np.allclose(back.affine, inputs.affine, atol=1e-6) else out
+
+
+def _resolve_metric(metric: str | SimilarityMetric, data_weight: float | None) -> SimilarityMetric:
+    """The metric :func:`register` fits with: a baseline by name, a checkpoint's (``*.ckpt``), or the caller's,
+    with the likelihood precision ``data_weight`` (default: :data:`learnsim.defaults.REGISTER`'s for a baseline)
+    set on a copy (the caller's metric is never changed)."""
     if isinstance(metric, str) and metric.endswith(".ckpt"):
-        metric = load_metric(metric)
+        metric = SimilarityMetric.from_checkpoint(metric)
     if isinstance(metric, str):
         metric = build_metric(metric)
         if data_weight is None:
-            data_weight = float(REGISTER_DEFAULTS["lcc" if "lcc" in metric.spec["kind"] else "ssd"]["data_weight"])
+            data_weight = REGISTER[metric.energy_kind].data_weight
     if data_weight is not None:
         if not data_weight > 0:
             raise ValueError(f"data_weight must be > 0; got {data_weight}")
         metric = copy.deepcopy(metric)  # never change the caller's metric
         metric.energy.weight = float(data_weight)
         metric.spec["weight"] = float(data_weight)
-    energy = "lcc" if "lcc" in metric.spec["kind"] else "ssd"
-    defaults = DEFAULTS[energy]
-    schedule = register_schedule(energy, levels, no_iters, lr, level_iters, level_lr)
-    if schedule.levels > 1 and transformation != "svf":
-        raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
+    return metric
 
-    seg_t = mask_t = None
-    if isinstance(fixed, Tensor) and isinstance(moving, Tensor):
-        fixed_t = _check_tensor(fixed.float(), "fixed")
-        moving_t = _check_tensor(moving.float(), "moving")
-        if fixed_t.shape != moving_t.shape:
-            raise ValueError(f"moving: shape {tuple(moving_t.shape[2:])} != fixed shape {tuple(fixed_t.shape[2:])}; pass NIfTI paths to resample through the affines")
-        if moving_seg is not None:
-            seg_t = _check_tensor(torch.as_tensor(moving_seg).float(), "moving_seg").long()
-            if seg_t.shape != fixed_t.shape:
-                raise ValueError(f"moving_seg: shape {tuple(seg_t.shape[2:])} != image shape {tuple(fixed_t.shape[2:])}")
-        if fixed_mask is not None:
-            mask_t = _check_tensor(torch.as_tensor(fixed_mask).float(), "fixed_mask")
-        grid_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-        _check_not_constant(moving_t, "moving")
-        _check_not_constant(fixed_t, "fixed", mask_t)
-        back_to_fixed = None
-    else:
-        from learnsim.data.preprocess import Grid, canonical_grid, preprocess, target_grid
 
-        fixed_v = _as_volume(fixed, "fixed")
-        moving_v = _as_volume(moving, "moving")
-        seg_v = _as_volume(moving_seg, "moving_seg") if moving_seg is not None else None
-        if seg_v is not None and (seg_v.data.shape != moving_v.data.shape or not np.allclose(seg_v.affine, moving_v.affine, atol=1e-3)):
-            raise ValueError(
-                f"{moving_seg}: moving_seg grid (shape {seg_v.data.shape}) does not match the moving image {moving} "
-                f"(shape {moving_v.data.shape}); a label map must be on its image's grid"
-            )
-        if seg_v is not None and not np.any(seg_v.data):
-            raise ValueError(f"{moving_seg}: moving_seg label map is empty (all background)")
-        mask_v = _as_volume(fixed_mask, "fixed_mask") if fixed_mask is not None else None
-        _check_not_constant(fixed_v.data, str(fixed))
-        _check_not_constant(moving_v.data, str(moving))
-        if mask_v is not None and not np.any(mask_v.data > 0):
-            raise ValueError(f"{fixed_mask}: the fixed mask is empty (all zero); energies would be summed over nothing")
-        grid: Grid = target_grid(fixed_v.data.shape, fixed_v.affine, dims) if dims else canonical_grid(fixed_v.data.shape, fixed_v.affine)
-        # without dims the outputs go back to the fixed image's own voxel order (an LPS or permuted atlas keeps its
-        # affine); the registration itself runs on the RAS grid, as in training
-        back_to_fixed = None if dims else Grid(tuple(fixed_v.data.shape), fixed_v.affine)
-        pf = preprocess(fixed_v, grid, mask=mask_v)
-        pm = preprocess(moving_v, grid, seg=seg_v, apply_mask=False)
-        notes += pf.notes + pm.notes
-        fixed_t = torch.from_numpy(pf.image)[None, None]
-        moving_t = torch.from_numpy(pm.image)[None, None]
-        if pm.seg is not None:
-            seg_t = torch.from_numpy(pm.seg.astype(np.int64))[None, None]
-        if pf.mask is not None:
-            mask_t = torch.from_numpy(pf.mask.astype(np.float32))[None, None]
-        _check_not_constant(fixed_t, f"{fixed} (on the working grid)", mask_t)
-        grid_affine = grid.affine
+@dataclass
+class _Inputs:
+    """The pair on the working grid: ``[1, 1, D, H, W]`` tensors (CPU), its affine, and how to map back."""
 
-    if histmatch:
+    fixed: Tensor
+    moving: Tensor
+    seg: Tensor | None
+    mask: Tensor | None
+    affine: np.ndarray
+    back_to_fixed: Any = None  # the fixed image's own Grid when the outputs must go back to it
+    notes: list[str] = field(default_factory=list)
+
+    def match_histogram(self) -> None:
+        """Match the moving image's histogram (its non-zero voxels) to the fixed image's (inside the mask)."""
         from learnsim.data.preprocess import match_histogram
 
-        ref_mask = mask_t[0, 0].cpu().numpy() if mask_t is not None else None
-        matched = match_histogram(moving_t[0, 0].cpu().numpy(), None, fixed_t[0, 0].cpu().numpy(), ref_mask)
-        moving_t = torch.from_numpy(matched)[None, None]
-        notes.append("moving histogram matched to the fixed image's")
+        ref_mask = self.mask[0, 0].cpu().numpy() if self.mask is not None else None
+        matched = match_histogram(self.moving[0, 0].cpu().numpy(), None, self.fixed[0, 0].cpu().numpy(), ref_mask)
+        self.moving = torch.from_numpy(matched)[None, None]
+        self.notes.append("moving histogram matched to the fixed image's")
 
-    torch.manual_seed(seed)
-    tr = SVFFD(no_steps, cps) if transformation == "svffd" else SVF(no_steps)
-    reg = VariationalRegistration(
-        metric.to(dev),
-        tr,
-        RegLossL2(defaults["w_reg"] if w_reg is None else w_reg),
-        SobolevSmoother(sobolev, sobolev_s, sobolev_lambda).to(dev),
-        no_iters=schedule.iters[-1],
-        lr=schedule.lr[-1],
-        sigma_init=sigma_init,
-        u_init=u_init,
-        rank=rank,
-        uniform_noise=0.0,
-        levels=schedule.levels,
-        level_iters=schedule.iters,
-        level_lr=schedule.lr,
-    )
-    fixed_t, moving_t = fixed_t.to(dev), moving_t.to(dev)
-    mask_t = mask_t.to(dev) if mask_t is not None else None
-    fit = reg.fit_levels(fixed_t, moving_t, mask_t, progress=progress, log_every=4 if progress else 0, on_level=on_level)
-    shape = fixed_t.shape[2:]
+
+def _tensor_inputs(fixed: Tensor, moving: Tensor, moving_seg: Any, fixed_mask: Any, affine: Any) -> _Inputs:
+    """Tensors already on one grid: checked, not resampled (``affine`` None: identity)."""
+    fixed_t = _check_tensor(fixed.float(), "fixed")
+    moving_t = _check_tensor(moving.float(), "moving")
+    if fixed_t.shape != moving_t.shape:
+        raise ValueError(f"moving: shape {tuple(moving_t.shape[2:])} != fixed shape {tuple(fixed_t.shape[2:])}; pass NIfTI paths to resample through the affines")
+    seg_t = mask_t = None
+    if moving_seg is not None:
+        seg_t = _check_tensor(torch.as_tensor(moving_seg).float(), "moving_seg").long()
+        if seg_t.shape != fixed_t.shape:
+            raise ValueError(f"moving_seg: shape {tuple(seg_t.shape[2:])} != image shape {tuple(fixed_t.shape[2:])}")
+    if fixed_mask is not None:
+        mask_t = _check_tensor(torch.as_tensor(fixed_mask).float(), "fixed_mask")
+    _check_not_constant(moving_t, "moving")
+    _check_not_constant(fixed_t, "fixed", mask_t)
+    grid_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    return _Inputs(fixed_t, moving_t, seg_t, mask_t, grid_affine)
+
+
+def _file_inputs(fixed: Any, moving: Any, moving_seg: Any, fixed_mask: Any, dims: Any) -> _Inputs:
+    """NIfTI paths (or Volumes): checked, then preprocessed onto the working grid as training data are."""
+    from learnsim.data.preprocess import Grid, canonical_grid, preprocess, target_grid
+
+    fixed_v = _as_volume(fixed, "fixed")
+    moving_v = _as_volume(moving, "moving")
+    seg_v = _as_volume(moving_seg, "moving_seg") if moving_seg is not None else None
+    mask_v = _as_volume(fixed_mask, "fixed_mask") if fixed_mask is not None else None
+    _check_volumes(fixed_v, moving_v, seg_v, mask_v, fixed, moving, moving_seg, fixed_mask)
+    grid: Grid = target_grid(fixed_v.data.shape, fixed_v.affine, dims) if dims else canonical_grid(fixed_v.data.shape, fixed_v.affine)
+    pf = preprocess(fixed_v, grid, mask=mask_v)
+    pm = preprocess(moving_v, grid, seg=seg_v, apply_mask=False)
+    fixed_t = torch.from_numpy(pf.image)[None, None]
+    seg_t = torch.from_numpy(pm.seg.astype(np.int64))[None, None] if pm.seg is not None else None
+    mask_t = torch.from_numpy(pf.mask.astype(np.float32))[None, None] if pf.mask is not None else None
+    _check_not_constant(fixed_t, f"{fixed} (on the working grid)", mask_t)
+    # without dims the outputs go back to the fixed image's own voxel order (an LPS or permuted atlas keeps its
+    # affine); the registration itself runs on the RAS grid, as in training
+    back = None if dims else Grid(tuple(fixed_v.data.shape), fixed_v.affine)
+    return _Inputs(fixed_t, torch.from_numpy(pm.image)[None, None], seg_t, mask_t, grid.affine, back,
+                   pf.notes + pm.notes)
+
+
+def _check_volumes(fixed_v, moving_v, seg_v, mask_v, fixed, moving, moving_seg, fixed_mask) -> None:
+    """Refuse a label map off its image's grid, an empty label map or mask, and images without contrast."""
+    if seg_v is not None and (seg_v.data.shape != moving_v.data.shape or not np.allclose(seg_v.affine, moving_v.affine, atol=1e-3)):
+        raise ValueError(
+            f"{moving_seg}: moving_seg grid (shape {seg_v.data.shape}) does not match the moving image {moving} "
+            f"(shape {moving_v.data.shape}); a label map must be on its image's grid"
+        )
+    if seg_v is not None and not np.any(seg_v.data):
+        raise ValueError(f"{moving_seg}: moving_seg label map is empty (all background)")
+    _check_not_constant(fixed_v.data, str(fixed))
+    _check_not_constant(moving_v.data, str(moving))
+    if mask_v is not None and not np.any(mask_v.data > 0):
+        raise ValueError(f"{fixed_mask}: the fixed mask is empty (all zero); energies would be summed over nothing")
+
+
+def _outputs(reg: VariationalRegistration, fit: FitResult, moving: Tensor, seg: Tensor | None,
+             grid_affine: np.ndarray, no_samples: int, notes: list[str]) -> RegistrationOutput:
+    """Mean transformation, samples, warped image / labels, mm displacement and uncertainty of a fit (on the CPU)."""
+    shape = moving.shape[2:]
     disp = reg.mean_displacement(fit.params, shape)
     samples = reg.sample_displacements(fit.params, shape, max(no_samples, 0)) if no_samples > 0 else disp[None]
     aff_t = affine_to_tensor(grid_affine, dtype=torch.float32)
     with torch.no_grad():
-        warped = warp(moving_t, disp)
-        warped_seg = warp_labels(seg_t.to(dev), disp) if seg_t is not None else None
+        from learnsim.evaluation.uncertainty import displacement_std_mm  # scipy/pandas: only once there are outputs
+
+        warped = warp(moving, disp)
+        warped_seg = warp_labels(seg.to(moving.device), disp) if seg is not None else None
         disp_mm = displacement_to_mm(disp, aff_t)
         unc = displacement_std_mm(samples, aff_t) if samples.shape[0] >= 2 else None
-    out = RegistrationOutput(
+    return RegistrationOutput(
         warped.cpu(), None if warped_seg is None else warped_seg.cpu(), disp.cpu(), disp_mm.cpu(), samples.cpu(),
         None if unc is None else unc.cpu(), grid_affine, fit, notes,
     )
-    if back_to_fixed is not None and not np.allclose(back_to_fixed.affine, grid_affine, atol=1e-6):
-        out = _reorient(out, back_to_fixed)
-    return out
 
 
 def _reorient(out: RegistrationOutput, target) -> RegistrationOutput:

@@ -7,6 +7,7 @@ Functional forms first (plain functions on tensors), thin ``nn.Module`` wrappers
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from learnsim.kernels.backend import use_numba
 from learnsim.spatial import separable_filter
 
 __all__ = [
+    "EnergyKind",
     "ssd",
     "lcc",
     "lcc_terms",
@@ -25,6 +27,13 @@ __all__ = [
     "LCC",
     "RegLossL2",
 ]
+
+
+class EnergyKind(StrEnum):
+    """The data term a metric compares features with; it selects the paper's settings (:mod:`learnsim.defaults`)."""
+
+    SSD = "ssd"
+    LCC = "lcc"
 
 
 def _apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -134,6 +143,7 @@ class SSD(nn.Module):
             ``w_reg`` and the entropy; see the README, "Energy scales").
     """
 
+    kind = EnergyKind.SSD
     radius = 0
 
     def __init__(self, weight: float = 1.0) -> None:
@@ -153,6 +163,8 @@ class LCC(nn.Module):
         learnable_window: learn the separable window weights (initialised to ones; kept positive).
         weight: multiplies the energy (see :class:`SSD`).
     """
+
+    kind = EnergyKind.LCC
 
     def __init__(self, radius: int = 1, learnable_window: bool = False, weight: float = 1.0) -> None:
         super().__init__()

@@ -10,12 +10,14 @@ that the registration loop computes the fixed image's features once (the metric 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from learnsim.energies import LCC, SSD
+from learnsim.energies import LCC, SSD, EnergyKind
 
 __all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNLCC", "build_metric"]
 
@@ -97,7 +99,7 @@ class SimilarityMetric(nn.Module):
         self.energy = energy
         self.learnable = bool(learnable)
         self.encoder = FeatureEncoder(no_features, negative_slope, init_noise=init_noise) if learnable else None
-        # enough to rebuild the metric from a checkpoint without Hydra (see learnsim.api.load_metric)
+        # enough to rebuild the metric from a checkpoint without Hydra (see SimilarityMetric.from_checkpoint)
         self.spec: dict = {
             "kind": ("cnn_" if self.learnable else "") + ("lcc" if isinstance(energy, LCC) else "ssd"),
             "learnable": self.learnable,
@@ -112,6 +114,42 @@ class SimilarityMetric(nn.Module):
     @property
     def name(self) -> str:
         return self.spec["kind"]
+
+    @property
+    def energy_kind(self) -> EnergyKind:
+        """The data term the features are compared with (SSD or LCC): it selects the paper's settings."""
+        return self.energy.kind
+
+    @classmethod
+    def from_spec(cls, spec: Mapping) -> SimilarityMetric:
+        """An untrained metric of the structure :attr:`spec` describes (the inverse of :attr:`spec`)."""
+        spec = dict(spec)
+        return build_metric(spec.pop("kind"), **{k: v for k, v in spec.items() if k != "learnable"})
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> SimilarityMetric:
+        """The metric of a learnsim training checkpoint (learnt, or a VoxelMorph run's frozen one), in eval mode.
+
+        No Hydra needed; the file is read with ``weights_only=True`` (:func:`learnsim.checkpoint.load_checkpoint`).
+
+        Raises:
+            FileNotFoundError: naming the checkpoint if it does not exist.
+            ValueError: naming the checkpoint if it holds no learnsim metric.
+        """
+        from learnsim.checkpoint import load_checkpoint
+
+        path = Path(ckpt)
+        state = load_checkpoint(path, map_location)
+        spec = (state.get("hyper_parameters") or {}).get("metric_spec")
+        if spec is None:
+            raise ValueError(f"{path}: not a learnsim checkpoint (no hyper_parameters.metric_spec)")
+        metric = cls.from_spec(spec)
+        prefix = "metric."
+        weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        missing, unexpected = metric.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if not m.endswith("window")]:
+            raise ValueError(f"{path}: metric weights do not match its spec (missing {missing}, unexpected {unexpected})")
+        return metric.eval()
 
     def features(self, image: Tensor) -> Tensor:
         """``a(image)``: ``[B, 1, D, H, W] -> [B, 1, D, H, W]``."""

@@ -1,7 +1,8 @@
 r"""LearnSimModule: learning the similarity metric jointly with each pair's q_v (manual optimisation).
 
-Three optimisers, in this order: ``q_f`` (image distribution), ``q_phi`` (metric weights), ``q_v`` (per-pair
-velocity posteriors). Each training step
+Three optimisers: ``q_f`` (image distribution) and ``q_phi`` (metric weights) are Lightning's, in this order;
+``q_v``'s (per-pair velocity posteriors) is built afresh for every batch by the registration (its factory, the
+``registration`` config group's ``optimizer``), so its Adam state never reaches a checkpoint. Each training step
 
 1. loads the batch's q_v from the per-pair state store (warm start across epochs; fresh on the first epoch),
 2. fits q_v for ``no_iters_q_v`` Adam steps with the metric frozen (:class:`~learnsim.registration.VariationalRegistration`),
@@ -40,10 +41,10 @@ How q_f is trained (``q_f_objective``):
 
 from __future__ import annotations
 
-import functools
+import os
 import warnings
 from collections.abc import Callable
-import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +52,32 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from learnsim.checkpoint import MODULE_KEY, ModuleKind
 from learnsim.distributed import average_gradients
-from learnsim.distributions import QF, antithetic_samples
-from learnsim.energies import RegLossL2
-from learnsim.evaluation.aggregate import FoldingPercent, MeanASD, MeanDSC
+from learnsim.distributions import QF
+from learnsim.grid import as_dims
 from learnsim.metric import SimilarityMetric
 from learnsim.registration import VariationalRegistration
-from learnsim.sobolev import SobolevSmoother
-from learnsim.spatial import warp, warp_labels
+from learnsim.spatial import warp_labels
 from learnsim.state import QVStateStore
-from learnsim.transformation import SVF
 
-__all__ = ["LearnSimModule"]
+__all__ = ["LearnSimModule", "QFObjective"]
 
 OptimFactory = Callable[..., torch.optim.Optimizer]
+#: ``registration(metric=...)``: the ``registration`` config group instantiated as a partial
+RegistrationFactory = Callable[..., VariationalRegistration]
+
+
+class QFObjective(StrEnum):
+    """How q_f is trained (see the module docstring)."""
+
+    ORIGINAL = "original"
+    BOUND = "bound"
 
 
 def _adam(lr: float) -> OptimFactory:
+    import functools
+
     return functools.partial(torch.optim.Adam, lr=lr)  # picklable, for spawned DDP processes
 
 
@@ -76,21 +86,19 @@ class LearnSimModule(pl.LightningModule):
 
     Args:
         metric: the similarity metric to learn (CNN_SSD / CNN_LCC; a baseline gives q_phi nothing to learn).
-        transformation: SVF or SVFFD.
-        reg_loss: L2 gradient regulariser (``w_reg``).
-        sobolev: Sobolev smoother (identity backward).
-        dims: image grid ``(D, H, W)`` (to size q_f before the data are seen; the atlas is copied in at setup).
-        q_v: dict with ``sigma_init`` (0.5), ``u_init`` (0.1), ``rank`` (1), ``no_iters`` (1024).
+        registration: the q_v fit (:class:`~learnsim.registration.VariationalRegistration` of ``metric``), or a
+            factory ``registration(metric=metric)`` (the ``registration`` config group, a Hydra partial). Its
+            ``no_iters`` Adam steps run per training batch, its optimiser factory builds q_v's Adam afresh each time.
+        dims: image grid ``(D, H, W)`` or one int for a cube (to size q_f before the data are seen; the atlas is
+            copied in at setup).
         q_f: dict with ``sigma_init`` (0.1), ``u_init`` (0.1), ``rank`` (1), ``loc_learnable`` (False),
-            ``cov_learnable`` (True), ``objective`` (``"original"`` or ``"bound"``).
-        optimizer_q_f, optimizer_q_phi, optimizer_q_v: factories ``params -> Optimizer`` (Hydra partials);
-            Adam with lr 1e-3, 1e-5, 1e-2 by default.
-        uniform_noise: U(-a, a) voxel noise on sampling coordinates during training (0.1; 0 disables).
+            ``cov_learnable`` (True), ``objective`` (:class:`QFObjective`, ``"original"`` or ``"bound"``).
+        optimizer_q_f, optimizer_q_phi: factories ``params -> Optimizer`` (Hydra partials); Adam with lr 1e-3 and
+            1e-5 by default.
         state_dir: folder of the per-pair q_v states (default: ``<trainer.default_root_dir>/q_v_state``).
         state_dtype: storage dtype of the q_v states (``float16``).
         log_period: q_v iterations between logged losses (and progress-bar postfix updates).
         no_iters_val: q_v iterations for validation pairs (fresh q_v, frozen metric).
-        amp: bf16 autocast for the energies on CUDA.
         seed: random draws (q_v samples, coordinate noise) come from one generator per pair seeded by
             ``(seed, epoch, pair index)``, and q_f's from ``(seed, epoch, batch index)``: a run is reproducible and
             does not depend on the batch size or the number of DDP processes.
@@ -99,63 +107,52 @@ class LearnSimModule(pl.LightningModule):
     def __init__(
         self,
         metric: SimilarityMetric,
-        transformation: SVF,
-        reg_loss: RegLossL2,
-        sobolev: SobolevSmoother,
-        dims: tuple[int, int, int] | list[int] = (64, 64, 64),
-        q_v: dict | None = None,
+        registration: VariationalRegistration | RegistrationFactory,
+        dims: int | tuple[int, int, int] | list[int] = (64, 64, 64),
         q_f: dict | None = None,
         optimizer_q_f: OptimFactory | None = None,
         optimizer_q_phi: OptimFactory | None = None,
-        optimizer_q_v: OptimFactory | None = None,
-        uniform_noise: float = 0.1,
         state_dir: str | None = None,
         state_dtype: str = "float16",
         log_period: int = 512,
         no_iters_val: int | None = None,
-        amp: bool = False,
         structures: list[int] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.metric = metric
-        self.transformation = transformation
-        self.reg_loss = reg_loss
-        self.sobolev = sobolev
-        self.dims = tuple(int(d) for d in dims)
-        q_v = dict(q_v or {})
+        if not isinstance(registration, VariationalRegistration):
+            registration = registration(metric=metric)
+        if registration.metric is not metric:
+            raise ValueError("LearnSimModule: the registration must fit q_v with the module's metric")
+        self.registration = registration
+        # submodules of the module (device moves, state dict keys), shared with the registration
+        self.transformation, self.reg_loss, self.sobolev = registration.transformation, registration.reg, registration.sobolev
+        self.dims = as_dims(dims)
         q_f = dict(q_f or {})
-        self.q_f_objective = str(q_f.pop("objective", "original"))
-        if self.q_f_objective not in ("original", "bound"):
-            raise ValueError(f"q_f.objective must be 'original' or 'bound'; got {self.q_f_objective!r}")
+        objective = str(q_f.pop("objective", QFObjective.ORIGINAL))
+        if objective not in tuple(QFObjective):
+            raise ValueError(f"q_f.objective must be 'original' or 'bound'; got {objective!r}")
+        self.q_f_objective = QFObjective(objective)
         self.q_f = QF(torch.zeros(1, 1, *self.dims), **q_f)
-        self.no_iters_q_v = int(q_v.pop("no_iters", 1024))
+        self.no_iters_q_v = registration.no_iters
         if self.no_iters_q_v < 1:
             raise ValueError(f"q_v.no_iters must be an integer >= 1; got {self.no_iters_q_v}")
-        self.registration = VariationalRegistration(
-            metric, transformation, reg_loss, sobolev, no_iters=self.no_iters_q_v, uniform_noise=uniform_noise,
-            amp=amp, **q_v,
-        )
-        self._opt_factories = (optimizer_q_f or _adam(1e-3), optimizer_q_phi or _adam(1e-5), optimizer_q_v or _adam(1e-2))
+        self._opt_factories = (optimizer_q_f or _adam(1e-3), optimizer_q_phi or _adam(1e-5))
         self.state_dir = state_dir
         self.state_dtype = state_dtype
         self.state: QVStateStore | None = None
         self.log_period = int(log_period)
         self.no_iters_val = int(no_iters_val) if no_iters_val is not None else self.no_iters_q_v
         self.structures = list(structures) if structures else None
-        # validation metrics pooled over pairs across DDP ranks (learnsim.evaluation.aggregate): the same number on
-        # one process or many; their states are not saved in checkpoints
-        self.val_dsc = MeanDSC(self.structures)
-        self.val_asd = MeanASD(self.structures)
-        self.val_folding = FoldingPercent()
         self._atlas_set = False
         self.seed = int(seed)
         # training batches done by this rank, across epochs: each stored q_v state is tagged with it, and a resumed
         # run ignores (rolls back) states written at or after the checkpoint's count (learnsim.state)
         self.q_v_step = 0
         self._missing_states: list[str] = []
-        # the metric must be rebuildable from the checkpoint alone (learnsim.api.load_metric)
+        # the metric must be rebuildable from the checkpoint alone (SimilarityMetric.from_checkpoint)
         self.save_hyperparameters({"metric_spec": metric.spec, "dims": list(self.dims)})
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -163,11 +160,23 @@ class LearnSimModule(pl.LightningModule):
         root = Path(self.state_dir) if self.state_dir else Path(self.trainer.default_root_dir) / "q_v_state"
         if self.state is None:
             self.state = QVStateStore(root, self.state_dtype)
+        self._make_val_metrics()
         if stage == "fit" and not self._atlas_set:
-            dm = getattr(self.trainer, "datamodule", None)
-            atlas = dm.atlas() if dm is not None and hasattr(dm, "atlas") else None
+            atlas = _datamodule_atlas(getattr(self.trainer, "datamodule", None))
             if atlas is not None:
                 self.set_atlas(atlas)
+
+    def _make_val_metrics(self) -> None:
+        """Validation metrics pooled over pairs across DDP ranks (:mod:`learnsim.evaluation.aggregate`): the same
+        number on one process or many; their states are not saved in checkpoints. Imported here, not at module
+        import: training without validation needs neither MONAI nor scipy."""
+        if hasattr(self, "val_dsc"):
+            return
+        from learnsim.evaluation.aggregate import FoldingPercent, MeanASD, MeanDSC
+
+        self.val_dsc = MeanDSC(self.structures).to(self.device)
+        self.val_asd = MeanASD(self.structures).to(self.device)
+        self.val_folding = FoldingPercent().to(self.device)
 
     @torch.no_grad()
     def set_atlas(self, fixed: Tensor) -> None:
@@ -181,14 +190,12 @@ class LearnSimModule(pl.LightningModule):
     def configure_optimizers(self):
         f_params = [p for p in self.q_f.parameters() if p.requires_grad]
         phi_params = [p for p in self.metric.parameters() if p.requires_grad]
-        # optimisers need at least one tensor: a baseline metric has no weights, and q_v's tensors are swapped in
-        # per batch by VariationalRegistration.fit
+        # optimisers need at least one tensor: a baseline metric has no weights. q_v's optimiser is not here: the
+        # registration builds one per batch (its Adam state belongs to that batch only, and stays out of checkpoints)
         placeholder = lambda: [torch.nn.Parameter(torch.zeros(1, device=self.device))]  # noqa: E731
         opt_f = self._opt_factories[0](f_params or placeholder())
         opt_phi = self._opt_factories[1](phi_params or placeholder())
-        self._q_v_placeholder = placeholder()
-        opt_v = self._opt_factories[2](self._q_v_placeholder)
-        return [opt_f, opt_phi, opt_v]
+        return [opt_f, opt_phi]
 
     def _generator(self, *key: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -213,47 +220,60 @@ class LearnSimModule(pl.LightningModule):
 
         return bar, update, every
 
+    def _atlas(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The fixed image and its mask, ``[1, 1, D, H, W]`` each (the atlas: the same for every pair)."""
+        return batch["fixed"][:1], batch["fixed_mask"][:1]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        opt_f, opt_phi, opt_v = self.optimizers()
-        fixed = batch["fixed"][:1]
+        opt_f, opt_phi = self.optimizers()
+        fixed, mask = self._atlas(batch)
         moving = batch["moving"]
-        mask = batch["fixed_mask"][:1]
-        indices = [int(i) for i in batch["index"]]
-        # the pair's identity (hash of its file paths) keys its q_v state; the row index only without one
-        keys = list(batch["pair_key"]) if "pair_key" in batch else indices
-        b, shape = moving.shape[0], moving.shape[2:]
-        if tuple(shape) != self.dims:
-            raise ValueError(f"batch grid {tuple(shape)} != model dims {self.dims}")
+        if tuple(moving.shape[2:]) != self.dims:
+            raise ValueError(f"batch grid {tuple(moving.shape[2:])} != model dims {self.dims}")
         if not self._atlas_set:
             self.set_atlas(fixed)
+        indices = [int(i) for i in batch["index"]]
+        gens = [self._generator(0, self.current_epoch, i) for i in indices]
+        fit, found = self._fit_q_v(batch, fixed, mask, indices, gens)
 
-        # 1-3: q_v for this batch, warm-started from the state store
-        init = self.registration.init_params(b, shape, self.device)
+        # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
+        warped = self.registration.sample_warped(fit.params, moving, gens)
+        f1, f2 = self.q_f.sample_antithetic(self._generator(1, self.current_epoch, batch_idx))
+        energies = self._contrastive_step(opt_f, opt_phi, fixed, mask, warped, f1, f2)
+        self._log_training(fit.loss.mean(), found, energies, moving.shape[0])
+        if batch_idx == 0:
+            self._log_images(fixed, moving, warped, f1)
+        return fit.loss.mean().detach()
+
+    def _fit_q_v(self, batch: dict[str, Any], fixed: Tensor, mask: Tensor, indices: list[int],
+                 gens: list[torch.Generator]):
+        """Steps 1-3: q_v of this batch, warm-started from the state store, fitted and stored back.
+
+        Returns the fit and which pairs had a stored state (``[B]`` bool)."""
+        moving = batch["moving"]
+        # the pair's identity (hash of its file paths) keys its q_v state; the row index only without one
+        keys = list(batch["pair_key"]) if "pair_key" in batch else indices
+        init = self.registration.init_params(moving.shape[0], moving.shape[2:], self.device)
         params, found = self.state.load(keys, init)
         if self.current_epoch > 0 or self._resumed:
             self._missing_states += [str(k) for k, hit in zip(keys, found.tolist(), strict=True) if not hit]
         bar, update, every = self._inner_progress(self.no_iters_q_v)
-        gens = [self._generator(0, self.current_epoch, i) for i in indices]
         try:
-            fit = self.registration.fit(
-                fixed, moving, mask, params, training=True, optimizer=opt_v.optimizer, progress=update, log_every=every,
-                generator=gens,
-            )
+            fit = self.registration.fit(fixed, moving, mask, params, training=True, progress=update, log_every=every,
+                                        generator=gens)
         finally:
             if bar is not None:
                 bar.close()
-            # q_v's Adam state belongs to this batch only; keep it out of checkpoints
-            opt_v.optimizer.state.clear()
-            opt_v.optimizer.param_groups[0]["params"] = self._q_v_placeholder
         self.state.save(keys, fit.params, step=self.q_v_step, epoch=self.current_epoch)
         self.q_v_step += 1
+        return fit, found
 
-        # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
-        with torch.no_grad():
-            v_sample, _ = antithetic_samples(fit.params, gens)
-            _, disp = self.registration.displacement(v_sample, shape)
-            warped = warp(moving, self.registration.add_coordinate_noise(disp, gens))
-        f1, f2 = self.q_f.sample_antithetic(self._generator(1, self.current_epoch, batch_idx))
+    def _contrastive_step(self, opt_f, opt_phi, fixed: Tensor, mask: Tensor, warped: Tensor, f1: Tensor,
+                          f2: Tensor) -> dict[str, Tensor]:
+        """One step of q_phi and q_f: ``L_phi = [E(F, Mw) - (E(F'_1, Mw) + E(F'_2, Mw)) / 2] / n`` (module
+        docstring); q_f minimises ``L_phi`` (``original``) or ``E_{q_f}[E(F', Mw)] - H(q_f)`` (``bound``).
+        Returns the energies and losses ``[B]`` / scalars, for logging."""
+        b = warped.shape[0]
         feat_w = self.metric.features(warped)
         e_fixed = self.metric.energy_from_features(self.metric.features(fixed), feat_w, mask)
         e_1 = self.metric.energy_from_features(self.metric.features(f1), feat_w, mask)
@@ -261,20 +281,16 @@ class LearnSimModule(pl.LightningModule):
         loss_phi = (e_fixed - 0.5 * e_1 - 0.5 * e_2).sum() / b
         phi_params = [p for p in self.metric.parameters() if p.requires_grad]
         f_params = [p for p in self.q_f.parameters() if p.requires_grad]
-        if self.q_f_objective == "original":
+        if self.q_f_objective is QFObjective.ORIGINAL:
             loss_f = loss_phi
         else:
             loss_f = 0.5 * (e_1 + e_2).sum() / b - self.q_f.entropy()
         opt_f.zero_grad(set_to_none=True)
         opt_phi.zero_grad(set_to_none=True)
         if phi_params:
-            grads = torch.autograd.grad(loss_phi, phi_params, retain_graph=bool(f_params), allow_unused=True)
-            for p, g in zip(phi_params, grads, strict=True):
-                p.grad = torch.zeros_like(p) if g is None else g
+            _set_grads(phi_params, torch.autograd.grad(loss_phi, phi_params, retain_graph=bool(f_params), allow_unused=True))
         if f_params:
-            grads = torch.autograd.grad(loss_f, f_params, allow_unused=True)
-            for p, g in zip(f_params, grads, strict=True):
-                p.grad = torch.zeros_like(p) if g is None else g
+            _set_grads(f_params, torch.autograd.grad(loss_f, f_params, allow_unused=True))
         # gradients of the shared weights are averaged over ranks (the module is not DDP-wrapped on purpose)
         average_gradients(phi_params + f_params)
         if phi_params:
@@ -282,15 +298,17 @@ class LearnSimModule(pl.LightningModule):
         if f_params:
             opt_f.step()
             self.q_f.clamp_()
+        return {"loss_phi": loss_phi.detach(), "loss_f": loss_f.detach(), "e_fixed": e_fixed.detach(),
+                "e_q_f": (0.5 * (e_1 + e_2)).detach()}
 
-        q_v_loss = fit.loss.mean()
+    def _log_training(self, q_v_loss: Tensor, found: Tensor, energies: dict[str, Tensor], b: int) -> None:
         self.log_dict(
             {
                 "train/q_v_loss": q_v_loss,
-                "train/q_phi_loss": loss_phi.detach(),
-                "train/q_f_loss": loss_f.detach(),
-                "train/energy_fixed": e_fixed.detach().mean(),
-                "train/energy_q_f": (0.5 * (e_1 + e_2)).detach().mean(),
+                "train/q_phi_loss": energies["loss_phi"],
+                "train/q_f_loss": energies["loss_f"],
+                "train/energy_fixed": energies["e_fixed"].mean(),
+                "train/energy_q_f": energies["e_q_f"].mean(),
                 "train/q_f_sigma_mean": torch.exp(0.5 * self.q_f.log_var.detach()).mean(),
                 "train/q_f_entropy": self.q_f.entropy().detach(),
                 "train/q_v_warm_started": found.float().mean().to(self.device),
@@ -303,11 +321,8 @@ class LearnSimModule(pl.LightningModule):
         )
         if self.metric.encoder is not None:
             w = self.metric.encoder.aggregation.weight.detach().flatten()
-            self.log_dict({f"metric/aggregation_w{i}": w[i] for i in range(w.numel())}, on_step=False, on_epoch=True, batch_size=b,
-                          sync_dist=True)
-        if batch_idx == 0:
-            self._log_images(fixed, moving, warped, f1)
-        return q_v_loss.detach()
+            self.log_dict({f"metric/aggregation_w{i}": w[i] for i in range(w.numel())}, on_step=False, on_epoch=True,
+                          batch_size=b, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         dl = self.trainer.train_dataloader
@@ -353,6 +368,7 @@ class LearnSimModule(pl.LightningModule):
             ckpt_dir = self._ckpt_dir()
             if ckpt_dir is not None:  # found again after the run folder is moved
                 checkpoint["q_v_state_relpath"] = os.path.relpath(root, ckpt_dir)
+        checkpoint[MODULE_KEY] = ModuleKind.LEARNSIM.value
         if getattr(self, "run_config", None) is not None:
             checkpoint["learnsim_config"] = self.run_config
 
@@ -388,7 +404,8 @@ class LearnSimModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        fixed, moving, mask = batch["fixed"][:1], batch["moving"], batch["fixed_mask"][:1]
+        self._make_val_metrics()
+        (fixed, mask), moving = self._atlas(batch), batch["moving"]
         with torch.enable_grad():
             fit = self.registration.fit(fixed, moving, mask, no_iters=self.no_iters_val, training=False)
         disp = self.registration.mean_displacement(fit.params, moving.shape[2:])
@@ -416,3 +433,20 @@ class LearnSimModule(pl.LightningModule):
             logger.log_image(key="train/images", images=images, caption=["atlas", "moving", "warped", "q_f sample", "a(atlas)"], step=self.global_step)
         except Exception:  # image logging is a convenience; never fail training over it
             pass
+
+
+def _set_grads(params: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
+    """``p.grad = g`` (zeros for an unused parameter, so that every optimiser steps the same set)."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = torch.zeros_like(p) if g is None else g
+
+
+def _datamodule_atlas(dm: Any) -> Tensor | None:
+    """The atlas image ``[1, 1, D, H, W]`` a datamodule exposes (``dm.atlas``: an Atlas, or the former method)."""
+    atlas = getattr(dm, "atlas", None) if dm is not None else None
+    if atlas is None:
+        return None
+    image = getattr(atlas, "image", None)
+    if image is not None:
+        return image
+    return atlas() if callable(atlas) else atlas

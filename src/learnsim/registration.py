@@ -14,15 +14,18 @@ its starting guess (:func:`learnsim.pyramid.upsample_q_v`), with per-level itera
 ``levels = 1`` is exactly :meth:`VariationalRegistration.fit` (the paper's single-resolution schedule).
 
 No Lightning here: :class:`VariationalRegistration` is used by the training module, the test CLI and
-:func:`learnsim.api.register` alike.
+:func:`learnsim.api.register` alike. It is built in one of two ways: from config (the ``registration`` group,
+``conf/registration/default.yaml``, a partial that the caller completes with its metric) or from the paper's
+table (:meth:`VariationalRegistration.paper`, :mod:`learnsim.defaults`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,9 +38,11 @@ from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import warp
 from learnsim.transformation import SVF
 
-__all__ = ["VariationalRegistration", "FitResult", "LevelSchedule", "FitProgress"]
+__all__ = ["VariationalRegistration", "FitResult", "LevelSchedule", "FitProgress", "adam_q_v"]
 
 ProgressFn = Callable[[int, Tensor], None]
+#: ``optimizer(params, lr=lr)``: a fresh q_v optimiser over the given leaf tensors
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 #: ``on_level(level, no_levels, shape, no_iters)`` before each level of :meth:`VariationalRegistration.fit_levels`
 LevelFn = Callable[[int, int, tuple[int, ...], int], None]
 
@@ -136,6 +141,12 @@ class FitProgress:
         self.close()
 
 
+def adam_q_v(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    """The default q_v optimiser: Adam, fused on CPU and CUDA (one pass per parameter for the whole update; 8x
+    faster than foreach on a busy 2-core CPU)."""
+    return torch.optim.Adam(params, lr=lr, fused=params[0].device.type in ("cpu", "cuda"))
+
+
 class VariationalRegistration:
     """Fit q_v for batches of pairs and draw transformations from it.
 
@@ -145,7 +156,7 @@ class VariationalRegistration:
         reg: the regulariser (``0.5 w_reg ||grad v||^2``).
         sobolev: Sobolev smoother of the samples (identity backward).
         no_iters: Adam steps per fit.
-        lr: Adam learning rate for q_v.
+        lr: Adam learning rate for q_v (config ``q_v.lr``).
         sigma_init, u_init, rank: q_v initialisation (0.5, 0.1, 1 in the original).
         uniform_noise: magnitude ``a`` of the U(-a, a) voxel noise added to the sampling coordinates after
             integration while *training* (0 disables); never used at test time.
@@ -153,6 +164,9 @@ class VariationalRegistration:
         levels: pyramid levels used by :meth:`fit_levels` (1: the single-level :meth:`fit`).
         level_iters, level_lr: per-level Adam steps and learning rates of :meth:`fit_levels`, coarsest first
             (None: ``no_iters`` / ``lr`` at every level). :meth:`fit` itself always runs one level.
+        optimizer: q_v optimiser factory ``optimizer(params, lr=lr) -> Optimizer`` (e.g. a Hydra partial of a
+            ``torch.optim`` class), called afresh for every fit: each batch of pairs starts Adam from scratch, as
+            in the original. Default :func:`adam_q_v`.
     """
 
     def __init__(
@@ -171,6 +185,7 @@ class VariationalRegistration:
         levels: int = 1,
         level_iters: Sequence[int] | None = None,
         level_lr: Sequence[float] | None = None,
+        optimizer: OptimizerFactory | None = None,
     ) -> None:
         self.metric = metric
         self.transformation = transformation
@@ -184,6 +199,37 @@ class VariationalRegistration:
         self.uniform_noise = float(uniform_noise)
         self.amp = bool(amp)
         self.schedule = LevelSchedule.make(levels, self.no_iters, self.lr, level_iters, level_lr)
+        self.optimizer = optimizer if optimizer is not None else adam_q_v
+
+    @classmethod
+    def paper(cls, metric: SimilarityMetric | str = "ssd", *, w_reg: float | None = None,
+              transformation: SVF | None = None, sobolev: SobolevSmoother | None = None,
+              **kwargs: Any) -> VariationalRegistration:
+        """The paper's q_v fit for ``metric``'s energy (:data:`learnsim.defaults.PAPER`), any setting overridden.
+
+        Args:
+            metric: a :class:`~learnsim.metric.SimilarityMetric`, or ``"ssd"`` / ``"lcc"`` (the baselines) or
+                ``"cnn_ssd"`` / ``"cnn_lcc"`` (untrained learnt metrics).
+            w_reg: the regulariser weight (default the paper's: SSD 1.8, LCC 2.8).
+            transformation: default ``SVF(12)``; sobolev: default ``SobolevSmoother(True, 3, 0.5)``.
+            kwargs: any other constructor argument (``no_iters``, ``lr``, ``uniform_noise``, ``levels``, ...).
+        """
+        from learnsim.defaults import PAPER
+        from learnsim.metric import build_metric
+
+        if isinstance(metric, str):
+            metric = build_metric(metric)
+        p = PAPER[metric.energy_kind]
+        settings: dict[str, Any] = dict(no_iters=p.no_iters, lr=p.lr, sigma_init=p.sigma_init, u_init=p.u_init,
+                                        rank=p.rank, uniform_noise=p.uniform_noise)
+        settings.update(kwargs)
+        return cls(
+            metric,
+            SVF(p.no_steps) if transformation is None else transformation,
+            RegLossL2(p.w_reg if w_reg is None else w_reg),
+            SobolevSmoother(True, p.sobolev_s, p.sobolev_lambda) if sobolev is None else sobolev,
+            **settings,
+        )
 
     # ------------------------------------------------------------------------------------------------ q_v
     def init_params(self, batch: int, shape: Sequence[int], device: torch.device | None = None) -> LowRankParams:
@@ -246,6 +292,21 @@ class VariationalRegistration:
         energy = data + self.reg(v)
         return energy.view(2, b).mean(0) - params.entropy()
 
+    @contextlib.contextmanager
+    def _frozen_metric(self) -> Iterator[None]:
+        """The metric in eval mode with no gradients into its weights; restored afterwards."""
+        was_training = self.metric.training
+        self.metric.eval()
+        requires = [p.requires_grad for p in self.metric.parameters()]
+        for p in self.metric.parameters():
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, r in zip(self.metric.parameters(), requires, strict=True):
+                p.requires_grad_(r)
+            self.metric.train(was_training)
+
     def fit(
         self,
         fixed: Tensor,
@@ -254,7 +315,6 @@ class VariationalRegistration:
         params: LowRankParams | None = None,
         no_iters: int | None = None,
         training: bool = False,
-        optimizer: torch.optim.Optimizer | None = None,
         progress: ProgressFn | None = None,
         log_every: int = 0,
         generator: Generators = None,
@@ -269,12 +329,10 @@ class VariationalRegistration:
             params: warm start (e.g. the pair's stored state); fresh initialisation if None.
             no_iters: overrides ``self.no_iters``.
             training: training mode (uniform coordinate noise on).
-            optimizer: an optimiser whose single param group will be pointed at the q_v tensors (the training
-                module passes its q_v optimiser so Lightning owns it); a fresh Adam(lr) otherwise. Its state is
-                reset: every batch of pairs starts Adam from scratch, as in the original.
             progress: called as ``progress(iteration, loss_per_pair)`` every ``log_every`` iterations; the
                 loss is a device tensor (no host sync unless the callback reads it).
-            lr: overrides ``self.lr`` (also on a passed ``optimizer``, whose learning rate it sets).
+            generator: one generator, one per pair (reproducible per pair), or None (global RNG).
+            lr: overrides ``self.lr``.
         Returns:
             :class:`FitResult` with detached parameters.
         """
@@ -283,50 +341,39 @@ class VariationalRegistration:
         if fixed.shape[2:] != moving.shape[2:]:
             raise ValueError(f"fit: fixed grid {tuple(fixed.shape[2:])} != moving grid {tuple(moving.shape[2:])}")
         start = time.perf_counter()
-        b, shape, device = moving.shape[0], moving.shape[2:], moving.device
+        b, device = moving.shape[0], moving.device
         if params is None:
-            params = self.init_params(b, shape, device)
+            params = self.init_params(b, moving.shape[2:], device)
         leaves = [t.detach().clone().requires_grad_(True) for t in params.tensors()]
-        q = LowRankParams(*leaves)
-        if optimizer is None:
-            # fused: one pass per parameter for the whole update (8x faster than foreach on a busy 2-core CPU)
-            optimizer = torch.optim.Adam(leaves, lr=self.lr if lr is None else float(lr),
-                                         fused=leaves[0].device.type in ("cpu", "cuda"))
-        else:
-            optimizer.param_groups[0]["params"] = leaves
-            optimizer.state.clear()
-            if lr is not None:
-                optimizer.param_groups[0]["lr"] = float(lr)
-        # the metric is frozen here: a(F) once, and no gradients into the metric's weights
-        was_training = self.metric.training
-        self.metric.eval()
-        requires = [p.requires_grad for p in self.metric.parameters()]
-        for p in self.metric.parameters():
-            p.requires_grad_(False)
+        optimizer = self.optimizer(leaves, lr=self.lr if lr is None else float(lr))
         history: list[tuple[int, Tensor]] = []
-        try:
+        # the metric is frozen here: a(F) once, and no gradients into the metric's weights
+        with self._frozen_metric():
             with torch.no_grad(), self._autocast(device):
                 feat_fixed = self.metric.features(fixed).float()
             loss = torch.zeros(b, device=device)
             for it in range(no_iters if no_iters is not None else self.no_iters):
-                loss = self.loss(q, feat_fixed, moving, mask, training, generator)
-                optimizer.zero_grad(set_to_none=True)
-                grads = torch.autograd.grad(loss.sum(), leaves)
-                for leaf, g in zip(leaves, grads, strict=True):
-                    leaf.grad = g.contiguous()  # autograd may hand back an expanded view; fused Adam needs real strides
-                optimizer.step()
+                loss = self._step(LowRankParams(*leaves), optimizer, feat_fixed, moving, mask, training, generator)
                 if log_every and (it % log_every == 0):
-                    detached = loss.detach()
-                    history.append((it, detached))
+                    history.append((it, loss))
                     if progress is not None:
-                        progress(it, detached)
-        finally:
-            for p, r in zip(self.metric.parameters(), requires, strict=True):
-                p.requires_grad_(r)
-            self.metric.train(was_training)
+                        progress(it, loss)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return FitResult(q.detach(), loss.detach(), time.perf_counter() - start, history)
+        return FitResult(LowRankParams(*leaves).detach(), loss, time.perf_counter() - start, history)
+
+    def _step(self, q: LowRankParams, optimizer: torch.optim.Optimizer, feat_fixed: Tensor, moving: Tensor,
+              mask: Tensor | None, training: bool, generator: Generators) -> Tensor:
+        """One Adam step on q_v's leaf tensors ``q``; returns the loss per pair ``[B]`` before the step (detached)."""
+        loss = self.loss(q, feat_fixed, moving, mask, training, generator)
+        optimizer.zero_grad(set_to_none=True)
+        leaves = q.tensors()
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        for leaf, g in zip(leaves, grads, strict=True):
+            # autograd may hand back an expanded view; PyTorch's fused CPU Adam mishandles those: real strides
+            leaf.grad = g.contiguous()
+        optimizer.step()
+        return loss.detach()
 
     def fit_levels(
         self,
@@ -336,7 +383,6 @@ class VariationalRegistration:
         params: LowRankParams | None = None,
         schedule: LevelSchedule | None = None,
         training: bool = False,
-        optimizer: torch.optim.Optimizer | None = None,
         progress: ProgressFn | None = None,
         log_every: int = 0,
         generator: Generators = None,
@@ -351,7 +397,7 @@ class VariationalRegistration:
         voxels): the same initial q_v in mm as a single-level fit. The last level is the images' grid.
 
         Args:
-            fixed, moving, mask, training, optimizer, generator: as :meth:`fit` (full-resolution tensors).
+            fixed, moving, mask, training, generator: as :meth:`fit` (full-resolution tensors).
             params: warm start on the **full** grid: then only the finest level runs (a stored q_v already holds the
                 coarse information); None: start from the initialisation on the coarsest grid.
             schedule: per-level iterations and learning rates (default: ``self.schedule``).
@@ -366,7 +412,7 @@ class VariationalRegistration:
             n, rate = sched.iters[-1], sched.lr[-1]
             if on_level is not None:
                 on_level(sched.levels - 1, sched.levels, tuple(moving.shape[2:]), n)
-            return self.fit(fixed, moving, mask, params, n, training, optimizer, progress, log_every, generator, lr=rate)
+            return self.fit(fixed, moving, mask, params, n, training, progress, log_every, generator, lr=rate)
         if type(self.transformation).param_shape is not SVF.param_shape:
             raise ValueError("q_v.levels > 1 needs a dense SVF transformation (transformation=svf)")
         if moving.dim() != 5 or moving.shape[1] != 1:
@@ -391,7 +437,7 @@ class VariationalRegistration:
                     progress(offset + it, loss)
 
             f, m, k = pyr.level(level)
-            fit = self.fit(f, m, k, q, n, training, optimizer, shifted, log_every, generator, lr=sched.lr[level])
+            fit = self.fit(f, m, k, q, n, training, shifted, log_every, generator, lr=sched.lr[level])
             history += [(done + it, loss) for it, loss in fit.history]
             q = fit.params
             done += n
@@ -405,6 +451,20 @@ class VariationalRegistration:
         return LowRankParams(p.loc, p.log_var - 2 * torch.log(s), p.u / s.unsqueeze(1))
 
     # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_warped(self, params: LowRankParams, moving: Tensor, generator: Generators = None,
+                      training: bool = True) -> Tensor:
+        """``moving`` warped by one draw from q_v per pair (the first of an antithetic pair), ``[B, 1, D, H, W]``.
+
+        With ``training``, the coordinates get the U(-a, a) voxel noise of :meth:`add_coordinate_noise`, drawn
+        from the same ``generator`` (the metric's q_phi / q_f step of the training module uses this).
+        """
+        v_sample, _ = antithetic_samples(params, generator)
+        _, disp = self.displacement(v_sample, moving.shape[2:])
+        if training:
+            disp = self.add_coordinate_noise(disp, generator)
+        return warp(moving, disp)
+
     @torch.no_grad()
     def mean_displacement(self, params: LowRankParams, shape: Sequence[int]) -> Tensor:
         """Displacement ``[B, 3, D, H, W]`` (voxels) of the posterior mean velocity."""

@@ -10,13 +10,14 @@ Both integrate with scaling and squaring (:func:`learnsim.spatial.integrate_svf`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 
 from torch import Tensor, nn
 
 from learnsim.fast_integration import integrate_fast
 from learnsim.spatial import bspline_control_shape, bspline_to_dense, integrate_svf
 
-__all__ = ["SVF", "SVFFD"]
+__all__ = ["SVF", "SVFFD", "TransformationKind"]
 
 
 class SVF(nn.Module):
@@ -69,3 +70,14 @@ class SVFFD(SVF):
 
     def velocity(self, params: Tensor, shape: Sequence[int]) -> Tensor:
         return bspline_to_dense(params, shape, self.cps)
+
+
+class TransformationKind(StrEnum):
+    """The transformation model by name (``learnsim.register(transformation=...)``; configs use ``_target_``)."""
+
+    SVF = "svf"
+    SVFFD = "svffd"
+
+    def build(self, no_steps: int | str = 12, cps: int | Sequence[int] = 2) -> SVF:
+        """The model: :class:`SVF` (``cps`` unused) or :class:`SVFFD` with ``cps`` voxels between control points."""
+        return SVFFD(no_steps, cps) if self is TransformationKind.SVFFD else SVF(no_steps)

@@ -1,8 +1,8 @@
 """``learnsim-test ckpt=PATH [+experiment=...] [overrides]`` or ``learnsim-test metric=ssd|lcc``: evaluation.
 
-For each test pair: fit q_v from scratch with the frozen metric (learnt from the checkpoint, or a baseline),
-draw samples, warp image and segmentation per sample, and hand everything to
-:class:`learnsim.evaluation.evaluator.Evaluator`, which writes ``metrics.csv``, ``per_pair.csv``,
+Builds the registration from the config (the ``registration`` group completed with the checkpoint's learnt metric
+or a baseline) and hands it to :func:`learnsim.evaluate`: for each test pair, fit q_v from scratch with the frozen
+metric, draw samples, and let :class:`learnsim.evaluation.evaluator.Evaluator` write ``metrics.csv``, ``per_pair.csv``,
 ``summary.json``, the NIfTI maps and the figures into the run folder. A VoxelMorph checkpoint is evaluated the
 same way (one deterministic sample per pair, optional instance optimisation).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -21,18 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from learnsim.api import load_checkpoint, load_metric, resolve_device
+from learnsim.api import resolve_device
+from learnsim.checkpoint import ModuleKind, checkpoint_module, load_checkpoint
 from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import render_help, wants_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
-from learnsim.evaluation.evaluator import Evaluator
-from learnsim.registration import FitProgress, VariationalRegistration
+from learnsim.evaluation.run import evaluate as run_evaluation
+from learnsim.metric import SimilarityMetric
 
 log = logging.getLogger("learnsim.test")
-
-
-def _is_voxelmorph(ckpt: dict) -> bool:
-    return any(k.startswith("net.") for k in ckpt.get("state_dict", {}))
 
 
 def _compare_with_training(cfg: DictConfig, train_cfg: dict | None) -> list[str]:
@@ -90,94 +87,44 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"max_pairs must be null or an integer >= 1; got {cfg.max_pairs!r}")
 
 
+def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]]:
+    """What registers the pairs: the ``registration`` group with the checkpoint's (or the baseline's) metric, or a
+    VoxelMorph checkpoint's network; and notes on settings that differ from the checkpoint's training run."""
+    if not cfg.ckpt:
+        metric = instantiate(cfg.metric).to(device).eval()
+        return instantiate(cfg.registration)(metric=metric), []
+    ckpt_path = Path(cfg.ckpt)
+    if not ckpt_path.is_file():
+        raise SystemExit(f"learnsim-test: checkpoint {ckpt_path} does not exist")
+    raw = load_checkpoint(ckpt_path)  # weights_only=True: no code from the file runs
+    notes = _compare_with_training(cfg, raw.get("learnsim_config"))
+    if checkpoint_module(raw) is ModuleKind.VOXELMORPH:
+        from learnsim.voxelmorph import VoxelMorphModule
+
+        vxm = VoxelMorphModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).eval()
+        vxm.metric.to(device).eval()
+        return vxm, notes
+    metric = SimilarityMetric.from_checkpoint(ckpt_path).to(device).eval()
+    return instantiate(cfg.registration)(metric=metric), notes
+
+
 def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
-    """Run the evaluation described by a composed test config; returns the summary dict."""
+    """Run the evaluation described by a composed test config (:func:`learnsim.evaluate`); returns the summary."""
     _check_settings(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
-    notes: list[str] = []
-
-    vxm = None
-    if cfg.ckpt:
-        ckpt_path = Path(cfg.ckpt)
-        if not ckpt_path.is_file():
-            raise SystemExit(f"learnsim-test: checkpoint {ckpt_path} does not exist")
-        raw = load_checkpoint(ckpt_path)  # weights_only=True: no code from the file runs
-        if _is_voxelmorph(raw):
-            from learnsim.voxelmorph import VoxelMorphModule
-
-            vxm = VoxelMorphModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).eval()
-            metric = vxm.metric
-        else:
-            metric = load_metric(ckpt_path)
-        notes += _compare_with_training(cfg, raw.get("learnsim_config"))
-        del raw
-    else:
-        metric = instantiate(cfg.metric)
-    metric = metric.to(device).eval()
-
+    registration, notes = _registration(cfg, device)
     datamodule = instantiate(cfg.data)
     datamodule.setup("test" if cfg.split == "test" else "validate")
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-
-    registration = VariationalRegistration(
-        metric,
-        instantiate(cfg.transformation),
-        instantiate(cfg.reg_loss),
-        instantiate(cfg.sobolev).to(device),
-        no_iters=cfg.q_v.no_iters,
-        lr=cfg.optimizer.q_v.lr,
-        sigma_init=cfg.q_v.sigma_init,
-        u_init=cfg.q_v.u_init,
-        rank=cfg.q_v.rank,
-        uniform_noise=0.0,  # never at test time
-        amp=cfg.amp,
-        levels=int(cfg.q_v.get("levels", 1)),
-        level_iters=None if cfg.q_v.get("level_iters") is None else [int(n) for n in cfg.q_v.level_iters],
-        level_lr=None if cfg.q_v.get("level_lr") is None else [float(x) for x in cfg.q_v.level_lr],
-    )
-    evaluator = Evaluator(
-        out_dir, save_nifti=cfg.save_nifti, figures=cfg.figures, seed=cfg.seed, metric_samples=cfg.no_samples,
-        run_name=str(cfg.name),
-    )
-    n_draw = max(int(cfg.no_samples), int(cfg.no_samples_uncertainty))
     for note in notes:
         print(f"learnsim-test: note: {note}")
-    for i, batch in enumerate(loader):
-        if cfg.max_pairs is not None and i >= cfg.max_pairs:
-            break
-        fixed = batch["fixed"].to(device)
-        moving = batch["moving"].to(device)
-        mask = batch["fixed_mask"].to(device)
-        shape = moving.shape[2:]
-        if vxm is not None:
-            mean_disp, samples, seconds = vxm.register_batch(fixed, moving, mask, no_samples=1,
-                                                             instance_optimisation_iters=int(cfg.get("instance_optimisation_iters", 0)))
-            extra = {}
-        else:
-            t0 = time.perf_counter()
-            with FitProgress(sum(registration.schedule.iters), desc=f"q_v {batch['pair_id'][0]}") as bar:
-                fit = registration.fit_levels(fixed, moving, mask, training=False, progress=bar, log_every=4,
-                                              on_level=bar.on_level)
-            mean_disp = registration.mean_displacement(fit.params, shape)
-            samples = registration.sample_displacements(fit.params, shape, n_draw)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            extra = {"final_loss": float(fit.loss.mean()), "fit_seconds": fit.seconds}
-        has_seg = bool(batch["has_seg"][0])
-        row = evaluator.add_pair(
-            str(batch["pair_id"][0]),
-            fixed.cpu(), moving.cpu(),
-            batch["fixed_seg"] if has_seg else None,
-            batch["moving_seg"] if has_seg else None,
-            batch["fixed_mask"], batch["affine"][0],
-            samples.cpu(), mean_disp.cpu(), seconds, extra,
-        )
-        print(f"learnsim-test: pair {batch['pair_id'][0]}: " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "pair"))
-    summary = evaluator.finalize()
+    summary = run_evaluation(
+        registration, loader, out_dir, no_samples=cfg.no_samples, no_samples_uncertainty=cfg.no_samples_uncertainty,
+        max_pairs=cfg.max_pairs, device=device, save_nifti=cfg.save_nifti, figures=cfg.figures, seed=cfg.seed,
+        run_name=str(cfg.name), instance_optimisation_iters=int(cfg.get("instance_optimisation_iters", 0)),
+    )
     summary["notes"] = notes
     print(summary_line(summary))
     (out_dir / "config.json").write_text(json.dumps(to_container(cfg), indent=2, default=str))
