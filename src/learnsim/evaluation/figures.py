@@ -386,10 +386,17 @@ def _overlay_center(base: np.ndarray, labels: Sequence[int]) -> list[int]:
 
 
 def _crop_windows(
-    segs: Sequence[np.ndarray], present: Sequence[int], crop_mm: float, spacing: np.ndarray, views: Sequence[PlaneView]
-) -> list[tuple[float, float, float, float]]:
+    segs: Sequence[np.ndarray],
+    present: Sequence[int],
+    crop_mm: float | None,
+    spacing: np.ndarray,
+    views: Sequence[PlaneView],
+) -> list[tuple[float, float, float, float] | None]:
     """Per view, the display window ``(x0, x1, y0, y1)`` (displayed pixel indices) of the box around the
-    structures in any of ``segs``, grown by ``crop_mm`` (``spacing``: mm per voxel axis)."""
+    structures in any of ``segs``, grown by ``crop_mm`` (``spacing``: mm per voxel axis); ``None`` (whole
+    slices) without ``crop_mm`` or structures."""
+    if crop_mm is None or not present:
+        return [None] * len(views)
     shape = segs[0].shape
     union = np.zeros(shape, dtype=bool)
     for seg in segs:
@@ -518,28 +525,21 @@ def label_overlay(
     from learnsim.evaluation.metrics import STRUCTURES
 
     f = _np3(fixed, "fixed")
-    shape = f.shape
-    warped = _labels_np(warped_seg, "warped_seg", shape)
-    ref = _labels_np(fixed_seg, "fixed_seg", shape)
-    before = _labels_np(moving_seg, "moving_seg", shape)
+    warped, ref, before = (
+        _labels_np(x, n, f.shape) for x, n in ((warped_seg, "warped_seg"), (fixed_seg, "fixed_seg"), (moving_seg, "moving_seg"))
+    )
     names = dict(STRUCTURES if structures is None else structures)
     labels = list(names)
     if center is None:
         center = _overlay_center(ref if ref is not None else warped, labels)
     aff = affine_to_numpy(affine)
-    views = plane_views(aff, shape, center)
+    views = plane_views(aff, f.shape, center)
 
-    columns: list[tuple[str, np.ndarray]] = []
-    if ref is not None:
-        columns.append(("atlas labels", ref))
-    if before is not None:
-        columns.append(("before (affine only)", before))
-    columns.append(("after (registered)", warped))
+    named = (("atlas labels", ref), ("before (affine only)", before), ("after (registered)", warped))
+    columns = [(n, seg) for n, seg in named if seg is not None]  # the atlas' and the moving labels when given
     present = [k for k in labels if any((seg == k).any() for _, seg in columns)]
     style = _OverlayStyle(present, structure_colours(labels), _robust_max(f), linewidth, reference_outlines)
-    windows: list = [None] * len(views)
-    if crop_mm is not None and present:
-        windows = _crop_windows([seg for _, seg in columns], present, crop_mm, np.linalg.norm(aff[:3, :3], axis=0), views)
+    windows = _crop_windows([seg for _, seg in columns], present, crop_mm, np.linalg.norm(aff[:3, :3], axis=0), views)
 
     fig, gs, right_frac = _overlay_figure(len(columns), len(views), panel_size, legend, dpi)
     # DSC over the structures the moving segmentation labels at all (as the evaluator: others were never registrable)
