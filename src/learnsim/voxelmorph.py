@@ -1,4 +1,4 @@
-r"""VoxelMorph trained with a baseline or a frozen learnt similarity metric (SPEC section 7).
+r"""VoxelMorph trained with a baseline or a frozen learnt similarity metric.
 
 A U-Net predicts a stationary velocity field from the pair, scaling and squaring turns it into a diffeomorphism
 (:func:`learnsim.spatial.integrate_svf`), and the network is trained on the same energy as the variational
@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learnsim.checkpoint import MODULE_KEY, ModuleKind
 from learnsim.distributed import ManualSyncDDPStrategy, average_gradients
 from learnsim.energies import RegLossL2
-from learnsim.evaluation.metrics import mean_dice
 from learnsim.fast_integration import integrate_fast
+from learnsim.grid import as_dims
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.spatial import integrate_svf, warp, warp_labels
 
@@ -246,7 +247,8 @@ class VoxelMorphModule(pl.LightningModule):
         metric: a baseline (or any) :class:`~learnsim.metric.SimilarityMetric`; ignored when ``metric_ckpt`` or
             ``metric_spec`` is given, except that its energy (SSD / LCC) must match the checkpoint's. Default:
             the SSD baseline.
-        metric_ckpt: path of a learnsim checkpoint whose learnt metric is loaded (:func:`learnsim.api.load_metric`).
+        metric_ckpt: path of a learnsim checkpoint whose learnt metric is loaded
+            (:meth:`~learnsim.metric.SimilarityMetric.from_checkpoint`).
         reg_loss: the L2 gradient regulariser of the velocity, or its kwargs (``{"w_reg": 1.8}``).
         lr: Adam learning rate of the network (1e-4).
         dims: the training grid ``(D, H, W)`` (checked against the network's divisibility and each batch).
@@ -265,28 +267,25 @@ class VoxelMorphModule(pl.LightningModule):
         metric_ckpt: str | os.PathLike | None = None,
         reg_loss: RegLossL2 | Mapping[str, Any] | None = None,
         lr: float = 1e-4,
-        dims: Sequence[int] = (64, 64, 64),
+        dims: int | Sequence[int] = (64, 64, 64),
         metric_spec: Mapping[str, Any] | None = None,
         metric_source: str | None = None,
         instance_lr: float = 0.01,
     ) -> None:
         super().__init__()
         self.net = net if isinstance(net, VoxelMorphNet) else VoxelMorphNet(**dict(net))
-        self.dims = tuple(int(d) for d in dims)
+        self.dims = as_dims(dims)
         self.net.check_shape(self.dims)
         if metric_spec is not None:
-            spec = dict(metric_spec)
-            resolved = build_metric(spec.pop("kind"), **{k: v for k, v in spec.items() if k != "learnable"})
+            resolved = SimilarityMetric.from_spec(metric_spec)
         elif metric_ckpt is not None:
-            from learnsim.api import load_metric
-
-            resolved = load_metric(metric_ckpt)
+            resolved = SimilarityMetric.from_checkpoint(metric_ckpt)
             metric_source = str(metric_ckpt)
-            if metric is not None and _energy_kind(metric) != _energy_kind(resolved):
+            if metric is not None and metric.energy_kind != resolved.energy_kind:
                 raise ValueError(
                     f"VoxelMorphModule: metric_ckpt {metric_ckpt} holds a {resolved.spec['kind']} metric but the "
                     f"configured metric is {metric.spec['kind']}; use the matching experiment (vxm_learnt_"
-                    f"{_energy_kind(resolved)}) or metric={resolved.spec['kind']}"
+                    f"{resolved.energy_kind}) or metric={resolved.spec['kind']}"
                 )
         elif metric is not None:
             resolved = metric
@@ -306,7 +305,7 @@ class VoxelMorphModule(pl.LightningModule):
         self._fixed_cache: tuple[Tensor, Tensor] | None = None  # (fixed [1 or B,1,D,H,W], its features)
         self.run_config: dict | None = None  # set by learnsim-train; stored in checkpoints
         # primitives only: load_from_checkpoint(path) rebuilds the module without Hydra; ``metric_spec`` also
-        # lets learnsim.api.load_metric read the (frozen) metric out of a VoxelMorph checkpoint
+        # lets SimilarityMetric.from_checkpoint read the (frozen) metric out of a VoxelMorph checkpoint
         self.save_hyperparameters(
             {
                 "net": self.net.config,
@@ -408,6 +407,8 @@ class VoxelMorphModule(pl.LightningModule):
         has_seg = batch.get("has_seg")
         if has_seg is None or not bool(has_seg.any()):
             return
+        from learnsim.evaluation.metrics import mean_dice  # MONAI/scipy: only where validation needs them
+
         warped_seg = warp_labels(batch["moving_seg"], disp)
         fixed_seg = batch["fixed_seg"]
         if fixed_seg.shape[0] != b:
@@ -419,6 +420,7 @@ class VoxelMorphModule(pl.LightningModule):
             self.log("val/dsc", scores.mean(), batch_size=scores.numel(), sync_dist=True, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MODULE_KEY] = ModuleKind.VOXELMORPH.value
         if self.run_config is not None:
             checkpoint["learnsim_config"] = self.run_config
 
@@ -501,6 +503,3 @@ class VoxelMorphModule(pl.LightningModule):
                 opt.step()
         return v.detach()
 
-
-def _energy_kind(metric: SimilarityMetric) -> str:
-    return "lcc" if "lcc" in metric.spec["kind"] else "ssd"

@@ -9,8 +9,13 @@ __all__ = ["is_wandb", "prepare_wandb"]
 
 
 def is_wandb(logger_cfg: Any) -> bool:
-    """True when the ``logger`` config group instantiates a wandb logger."""
-    return bool(logger_cfg) and "_target_" in logger_cfg and "Wandb" in str(logger_cfg["_target_"])
+    """True when the ``logger`` config group instantiates a wandb logger (its ``_target_`` is a ``WandbLogger``)."""
+    if not logger_cfg or "_target_" not in logger_cfg:
+        return False
+    from hydra.utils import get_class
+    from lightning.pytorch.loggers import WandbLogger
+
+    return issubclass(get_class(str(logger_cfg["_target_"])), WandbLogger)
 
 
 def prepare_wandb(logger_cfg: Any) -> str:

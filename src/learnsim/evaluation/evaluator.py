@@ -42,6 +42,7 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ from learnsim.evaluation.uncertainty import (
 from learnsim.grid import affine_to_numpy, affine_to_tensor
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
 
-__all__ = ["Evaluator", "METRIC_COLUMNS", "PER_PAIR_COLUMNS"]
+__all__ = ["Evaluator", "OverlapAccumulator", "CalibrationAccumulator", "regularity_row", "METRIC_COLUMNS",
+           "PER_PAIR_COLUMNS"]
 
 METRIC_COLUMNS = ["pair", "sample", "structure", "label", "dsc", "asd_mm", "hd95_mm"]
 PER_PAIR_COLUMNS = ["pair", "folding_voxels", "folding_pct", "sdlogj", "seconds"]
@@ -116,6 +118,103 @@ def _vol(x: Tensor, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
     return x
 
 
+@dataclass
+class _Pair:
+    """One pair's checked inputs, on the samples' device: volumes ``[1, 1, D, H, W]`` (mask bool, segs int64 or
+    None), ``sample_disps [N, 1, 3, D, H, W]`` and ``mean_disp [1, 3, D, H, W]`` in voxels, the 4x4 affine."""
+
+    pair_id: str
+    fixed: Tensor
+    moving: Tensor
+    fixed_seg: Tensor | None
+    moving_seg: Tensor | None
+    mask: Tensor | None
+    affine: np.ndarray
+    sample_disps: Tensor
+    mean_disp: Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.fixed.shape[2:])
+
+    @property
+    def has_seg(self) -> bool:
+        return self.fixed_seg is not None and self.moving_seg is not None
+
+
+class OverlapAccumulator:
+    """DSC / ASD / HD95 rows per pair x sample x structure: posterior samples (``metrics.csv``), the mean
+    transformation (``metrics_mean.csv``, sample -1) and no registration (``metrics_before.csv``, sample -2)."""
+
+    def __init__(self, structures: dict[int, str], surface: bool) -> None:
+        self.structures, self.surface = structures, surface
+        self.samples: list[dict[str, Any]] = []
+        self.mean: list[dict[str, Any]] = []
+        self.before: list[dict[str, Any]] = []
+
+    def rows(self, pair_id: str, sample: int, warped_seg: Tensor, fixed_seg: Tensor, spacing,
+             unlabelled: set[int]) -> list[dict]:
+        """One row per structure; structures the moving segmentation does not label were never registrable: NaN."""
+        labels = [k for k in self.structures if k not in unlabelled]
+        res = structure_metrics(warped_seg, fixed_seg, labels, spacing, surface=self.surface)
+        nan = {"dsc": float("nan"), "asd_mm": float("nan"), "hd95_mm": float("nan")}
+        return [
+            {"pair": pair_id, "sample": sample, "structure": name, "label": label, **res.get(label, nan)}
+            for label, name in self.structures.items()
+        ]
+
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """``(samples, mean transformation, before registration)`` tables."""
+        return tuple(pd.DataFrame(r, columns=METRIC_COLUMNS) for r in (self.samples, self.mean, self.before))
+
+
+class CalibrationAccumulator:
+    """Uncertainty against sample disagreement and segmentation error, on a seeded voxel subsample per pair,
+    pooled over pairs into quantile bins (``calibration_bins.csv``)."""
+
+    def __init__(self, structures: dict[int, str], voxels: int, margin: int | None, n_bins: int, seed: int) -> None:
+        self.structures, self.voxels, self.margin, self.n_bins, self.seed = structures, voxels, margin, n_bins, seed
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def region(self, mask: Tensor | None, fixed_seg: Tensor, warped_seg: Tensor, disagreement: Tensor) -> Tensor | None:
+        """Voxels near the evaluated structures (fixed, mean-warped, or chosen by any sample), grown by ``margin``
+        voxels, inside the mask. Far from every structure no sample can disagree and nothing can be wrong, so those
+        voxels would only dilute the bins."""
+        if self.margin is None:
+            return mask
+        labels = torch.tensor(list(self.structures), device=fixed_seg.device)
+        near = torch.isin(fixed_seg, labels) | torch.isin(warped_seg, labels) | (disagreement > 0)
+        m = int(self.margin)
+        if m > 0:
+            near = F.max_pool3d(near.float(), kernel_size=2 * m + 1, stride=1, padding=m) > 0
+        return near & mask if mask is not None else near
+
+    def add(self, pair_id: str, shape: tuple[int, ...], uncertainty: Tensor, disagreement: Tensor, error: Tensor,
+            region: Tensor | None) -> dict[str, float]:
+        """Subsample one pair's maps; returns its Spearman correlations."""
+        pair_seed = (self.seed + zlib.crc32(pair_id.encode())) % (2**32)
+        idx = subsample_region(region, shape, self.voxels, pair_seed)
+        u, d, e = (x.reshape(-1).cpu().numpy()[idx].astype(np.float64) for x in (uncertainty, disagreement, error))
+        self.parts.append((u, d, e))
+        return {"spearman_disagreement": spearman(u, d), "spearman_error": spearman(u, e)}
+
+    def pooled(self) -> tuple[pd.DataFrame | None, dict[str, float | None]]:
+        """Quantile bins and Spearman correlations over all pairs' subsamples (None without segmentations)."""
+        if not self.parts:
+            return None, {"spearman_disagreement": None, "spearman_error": None}
+        u, d, e = (np.concatenate(parts) for parts in zip(*self.parts, strict=True))
+        bins = calibration_bins(u, {"disagreement": d, "error": e}, self.n_bins)
+        return bins, {"spearman_disagreement": spearman(u, d), "spearman_error": spearman(u, e)}
+
+
+def regularity_row(mean_disp: Tensor, mask: Tensor | None) -> dict[str, Any]:
+    """Folding (whole grid and inside the mask) and SDlogJ of the posterior-mean transformation."""
+    reg = jacobian_stats(mean_disp, mask)
+    keys = ("folding_voxels", "folding_pct", "sdlogj")
+    rest = ("folding_voxels_mask", "folding_pct_mask", "detj_min", "detj_max")
+    return {**{k: reg[k] for k in keys}, "seconds": None, **{k: reg[k] for k in rest}}
+
+
 class Evaluator:
     """Collects per-pair results of a test run and writes the run's tables, maps and figures.
 
@@ -126,8 +225,9 @@ class Evaluator:
         figures: write the per-pair output grid and label overlay, and the run's box and calibration plots.
         seed: seeds the calibration voxel subsample (combined with a hash of the pair id, so results do not depend
             on the order of pairs).
-        metric_samples: DSC / ASD / HD95 are computed for the first ``metric_samples`` samples (spec: 5 for metrics,
-            50 for uncertainty); ``None`` = all samples. The uncertainty and the disagreement use all samples.
+        metric_samples: DSC / ASD / HD95 are computed for the first ``metric_samples`` samples (5 for metrics,
+            50 for uncertainty in the paper); ``None`` = all samples. The uncertainty and the disagreement use all
+            samples.
         surface_metrics: compute ASD and HD95 (else NaN; DSC only).
         calibration_voxels: voxels drawn per pair for the calibration analysis (seeded, without replacement).
         calibration_margin: the calibration region is the voxels within this many voxels (chessboard distance) of
@@ -160,45 +260,14 @@ class Evaluator:
         if metric_samples is not None and metric_samples < 1:
             raise ValueError(f"Evaluator: metric_samples must be >= 1 or None; got {metric_samples}")
         self.metric_samples = metric_samples
-        self.surface_metrics = surface_metrics
         self.calibration_voxels = int(calibration_voxels)
-        self.calibration_margin = calibration_margin
-        self.n_bins = int(n_bins)
         self.run_name = run_name or self.out_dir.resolve().name
-        self._rows: list[dict[str, Any]] = []
-        self._mean_rows: list[dict[str, Any]] = []
-        self._before_rows: list[dict[str, Any]] = []
+        self.overlap = OverlapAccumulator(self.structures, surface_metrics)
+        self.calibration = CalibrationAccumulator(self.structures, self.calibration_voxels, calibration_margin,
+                                                  int(n_bins), self.seed)
         self._pairs: list[dict[str, Any]] = []
-        self._calib: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     # ------------------------------------------------------------------------------------------------------------
-    def _metric_rows(
-        self, pair_id: str, sample: int, warped_seg: Tensor, fixed_seg: Tensor, spacing, unlabelled: set[int]
-    ) -> list[dict]:
-        # structures the moving segmentation does not label at all were never registrable: NaN, not DSC 0
-        labels = [k for k in self.structures if k not in unlabelled]
-        res = structure_metrics(warped_seg, fixed_seg, labels, spacing, surface=self.surface_metrics)
-        nan = {"dsc": float("nan"), "asd_mm": float("nan"), "hd95_mm": float("nan")}
-        return [
-            {"pair": pair_id, "sample": sample, "structure": name, "label": label, **res.get(label, nan)}
-            for label, name in self.structures.items()
-        ]
-
-    def _calibration_region(
-        self, mask: Tensor | None, fixed_seg: Tensor, warped_seg: Tensor, disagreement: Tensor
-    ) -> Tensor | None:
-        """Voxels near the evaluated structures (fixed, mean-warped, or chosen by any sample), grown by
-        ``calibration_margin`` voxels, inside the mask. Far from every structure no sample can disagree and
-        nothing can be wrong, so those voxels would only dilute the bins."""
-        if self.calibration_margin is None:
-            return mask
-        labels = torch.tensor(list(self.structures), device=fixed_seg.device)
-        near = torch.isin(fixed_seg, labels) | torch.isin(warped_seg, labels) | (disagreement > 0)
-        m = int(self.calibration_margin)
-        if m > 0:
-            near = F.max_pool3d(near.float(), kernel_size=2 * m + 1, stride=1, padding=m) > 0
-        return near & mask if mask is not None else near
-
     @torch.no_grad()
     def add_pair(
         self,
@@ -231,6 +300,42 @@ class Evaluator:
             The per-pair summary (the ``per_pair.csv`` row).
         """
         t0 = time.perf_counter()
+        p = self._check_pair(pair_id, fixed, moving, fixed_seg, moving_seg, fixed_mask, affine, sample_disps, mean_disp)
+        n = int(p.sample_disps.shape[0])
+        n_metric = n if self.metric_samples is None else min(n, self.metric_samples)
+        warped = warp(p.moving, p.mean_disp)
+        summary = {"pair": pair_id, **regularity_row(p.mean_disp, p.mask)}
+        summary["seconds"] = float(seconds)
+        uncertainty = displacement_std_mm(p.sample_disps, p.affine)  # [1, 1, D, H, W] mm
+        rows: list[dict[str, Any]] = []
+        warped_seg_mean = None
+        calib: dict[str, float] = {"spearman_disagreement": float("nan"), "spearman_error": float("nan")}
+        if p.has_seg:
+            rows, warped_seg_mean, calib = self._overlap_and_calibration(p, uncertainty, n_metric)
+        self.overlap.samples.extend(rows)
+        region_unc = uncertainty[p.mask] if p.mask is not None else uncertainty
+        summary.update(
+            n_samples=n,
+            n_metric_samples=n_metric if p.has_seg else 0,
+            uncertainty_mean_mm=float(region_unc.mean()) if region_unc.numel() else float("nan"),
+            **calib,
+        )
+        for col in _VALUE_COLUMNS:
+            summary[f"{col}_mean"] = _stats([r[col] for r in rows])["mean"] if rows else None
+        for key, value in (extra or {}).items():
+            if key in summary:
+                raise ValueError(f"Evaluator.add_pair: extra key {key!r} clashes with a computed column")
+            summary[key] = value.item() if isinstance(value, Tensor | np.generic) else value
+        self._write_pair(p, warped, warped_seg_mean, uncertainty)
+        summary["eval_seconds"] = time.perf_counter() - t0
+        _write_json(self.out_dir / "pairs" / pair_id / "summary.json", summary)
+        self._pairs.append(summary)
+        return summary
+
+    def _check_pair(self, pair_id, fixed, moving, fixed_seg, moving_seg, fixed_mask, affine, sample_disps,
+                    mean_disp) -> _Pair:
+        """Validate :meth:`add_pair`'s arguments (errors name the argument and the shape) and move them to the
+        samples' device."""
         if not isinstance(pair_id, str) or not _PAIR_ID.match(pair_id):
             raise ValueError(
                 f"Evaluator.add_pair: pair_id must match {_PAIR_ID.pattern} (a folder name); got {pair_id!r}"
@@ -240,148 +345,74 @@ class Evaluator:
         fixed = _vol(fixed, "fixed")
         shape = tuple(fixed.shape[2:])
         moving = _vol(moving, "moving", shape)
-        if (
-            sample_disps.dim() != 6
-            or sample_disps.shape[1:3] != (1, 3)
-            or tuple(sample_disps.shape[3:]) != shape
-        ):
+        if sample_disps.dim() != 6 or sample_disps.shape[1:3] != (1, 3) or tuple(sample_disps.shape[3:]) != shape:
             raise ValueError(
                 f"Evaluator.add_pair: sample_disps must be [N, 1, 3, {shape}]; got {tuple(sample_disps.shape)}"
             )
         if sample_disps.shape[0] < 1:
             raise ValueError("Evaluator.add_pair: sample_disps needs at least one sample")
         if mean_disp.dim() != 5 or mean_disp.shape[:2] != (1, 3) or tuple(mean_disp.shape[2:]) != shape:
-            raise ValueError(
-                f"Evaluator.add_pair: mean_disp must be [1, 3, {shape}]; got {tuple(mean_disp.shape)}"
-            )
+            raise ValueError(f"Evaluator.add_pair: mean_disp must be [1, 3, {shape}]; got {tuple(mean_disp.shape)}")
         if (fixed_seg is None) != (moving_seg is None):
             raise ValueError("Evaluator.add_pair: give both fixed_seg and moving_seg, or neither")
-        affine_np = affine_to_numpy(affine)
-        spacing = spacing_from_affine(affine_np)
         device = sample_disps.device
-        fixed, moving = fixed.to(device), moving.to(device)
-        mean_disp = mean_disp.to(device=device, dtype=sample_disps.dtype)
         mask = _vol(fixed_mask, "fixed_mask", shape).to(device) > 0 if fixed_mask is not None else None
-        has_seg = fixed_seg is not None and moving_seg is not None
-        if has_seg:
+        if fixed_seg is not None and moving_seg is not None:
             fixed_seg = _vol(fixed_seg, "fixed_seg", shape).to(device)
             moving_seg = _vol(moving_seg, "moving_seg", shape).to(device)
+        return _Pair(pair_id, fixed.to(device), moving.to(device), fixed_seg, moving_seg, mask, affine_to_numpy(affine),
+                     sample_disps, mean_disp.to(device=device, dtype=sample_disps.dtype))
 
-        n = int(sample_disps.shape[0])
-        n_metric = n if self.metric_samples is None else min(n, self.metric_samples)
-        pair_dir = self.out_dir / "pairs" / pair_id
+    def _overlap_and_calibration(self, p: _Pair, uncertainty: Tensor, n_metric: int):
+        """Overlap rows of the mean transformation, before registration and the first ``n_metric`` samples, and the
+        calibration of the uncertainty; streams over samples (one warped segmentation in memory at a time).
 
-        # posterior-mean transformation
-        warped = warp(moving, mean_disp)
-        reg = jacobian_stats(mean_disp, mask)
-        uncertainty = displacement_std_mm(sample_disps, affine_np)  # [1, 1, D, H, W] mm
-
+        Returns ``(sample rows, mean-warped segmentation, Spearman correlations)``."""
+        spacing = spacing_from_affine(p.affine)
+        present = set(torch.unique(p.moving_seg).tolist())
+        unlabelled = {k for k in self.structures if k not in present}
+        warped_seg_mean = warp_labels(p.moving_seg, p.mean_disp)
+        self.overlap.mean.extend(self.overlap.rows(p.pair_id, -1, warped_seg_mean, p.fixed_seg, spacing, unlabelled))
+        self.overlap.before.extend(self.overlap.rows(p.pair_id, -2, p.moving_seg, p.fixed_seg, spacing, unlabelled))
+        counter = DisagreementCounter(self.structures, p.shape, p.sample_disps.device)
         rows: list[dict[str, Any]] = []
-        warped_seg_mean = None
-        calib: dict[str, float] = {"spearman_disagreement": float("nan"), "spearman_error": float("nan")}
-        if has_seg:
-            present = set(torch.unique(moving_seg).tolist())
-            unlabelled = {k for k in self.structures if k not in present}
-            warped_seg_mean = warp_labels(moving_seg, mean_disp)
-            self._mean_rows.extend(
-                self._metric_rows(pair_id, -1, warped_seg_mean, fixed_seg, spacing, unlabelled)
-            )
-            self._before_rows.extend(self._metric_rows(pair_id, -2, moving_seg, fixed_seg, spacing, unlabelled))
-            # Stream over samples: one warped segmentation in memory at a time.
-            counter = DisagreementCounter(self.structures, shape, device)
-            for i in range(n):
-                ws = warp_labels(moving_seg, sample_disps[i])
-                counter.update(ws)
-                if i < n_metric:
-                    rows.extend(self._metric_rows(pair_id, i, ws, fixed_seg, spacing, unlabelled))
-            disagreement = counter.compute()
-            del counter
-            error = segmentation_error(warped_seg_mean, fixed_seg, self.structures)
-            region = self._calibration_region(mask, fixed_seg, warped_seg_mean, disagreement)
-            pair_seed = (self.seed + zlib.crc32(pair_id.encode())) % (2**32)
-            idx = subsample_region(region, shape, self.calibration_voxels, pair_seed)
-            u_sub = uncertainty.reshape(-1).cpu().numpy()[idx].astype(np.float64)
-            d_sub = disagreement.reshape(-1).cpu().numpy()[idx].astype(np.float64)
-            e_sub = error.reshape(-1).cpu().numpy()[idx].astype(np.float64)
-            self._calib.append((u_sub, d_sub, e_sub))
-            calib = {
-                "spearman_disagreement": spearman(u_sub, d_sub),
-                "spearman_error": spearman(u_sub, e_sub),
-            }
-        self._rows.extend(rows)
+        for i in range(p.sample_disps.shape[0]):
+            ws = warp_labels(p.moving_seg, p.sample_disps[i])
+            counter.update(ws)
+            if i < n_metric:
+                rows.extend(self.overlap.rows(p.pair_id, i, ws, p.fixed_seg, spacing, unlabelled))
+        disagreement = counter.compute()
+        del counter
+        error = segmentation_error(warped_seg_mean, p.fixed_seg, self.structures)
+        region = self.calibration.region(p.mask, p.fixed_seg, warped_seg_mean, disagreement)
+        calib = self.calibration.add(p.pair_id, p.shape, uncertainty, disagreement, error, region)
+        return rows, warped_seg_mean, calib
 
-        region_unc = uncertainty[mask] if mask is not None else uncertainty
-        summary: dict[str, Any] = {
-            "pair": pair_id,
-            "folding_voxels": reg["folding_voxels"],
-            "folding_pct": reg["folding_pct"],
-            "sdlogj": reg["sdlogj"],
-            "seconds": float(seconds),
-            "folding_voxels_mask": reg["folding_voxels_mask"],
-            "folding_pct_mask": reg["folding_pct_mask"],
-            "detj_min": reg["detj_min"],
-            "detj_max": reg["detj_max"],
-            "n_samples": n,
-            "n_metric_samples": n_metric if has_seg else 0,
-            "uncertainty_mean_mm": float(region_unc.mean()) if region_unc.numel() else float("nan"),
-            **calib,
-        }
-        for col in _VALUE_COLUMNS:
-            summary[f"{col}_mean"] = _stats([r[col] for r in rows])["mean"] if rows else None
-        for key, value in (extra or {}).items():
-            if key in summary:
-                raise ValueError(f"Evaluator.add_pair: extra key {key!r} clashes with a computed column")
-            summary[key] = value.item() if isinstance(value, Tensor | np.generic) else value
-
+    def _write_pair(self, p: _Pair, warped: Tensor, warped_seg_mean: Tensor | None, uncertainty: Tensor) -> None:
+        """The pair's NIfTI maps and figures under ``pairs/<pair_id>/`` (as configured)."""
+        pair_dir, affine_np = self.out_dir / "pairs" / p.pair_id, p.affine
         if self.save_nifti:
-            io.save_nifti(
-                pair_dir / "warped.nii.gz", warped[0, 0].float().cpu().numpy(), affine_np, np.float32
-            )
+            io.save_nifti(pair_dir / "warped.nii.gz", warped[0, 0].float().cpu().numpy(), affine_np, np.float32)
             if warped_seg_mean is not None:
                 seg_np = warped_seg_mean[0, 0].cpu().numpy()
-                io.save_nifti(
-                    pair_dir / "warped_seg.nii.gz",
-                    seg_np,
-                    affine_np,
-                    np.int16 if seg_np.max(initial=0) < 2**15 else np.int32,
-                )
-            disp_mm = displacement_to_mm(mean_disp.float(), affine_to_tensor(affine_np))[0].permute(1, 2, 3, 0)
+                io.save_nifti(pair_dir / "warped_seg.nii.gz", seg_np, affine_np,
+                              np.int16 if seg_np.max(initial=0) < 2**15 else np.int32)
+            disp_mm = displacement_to_mm(p.mean_disp.float(), affine_to_tensor(affine_np))[0].permute(1, 2, 3, 0)
             io.save_nifti(pair_dir / "disp_mm.nii.gz", disp_mm.cpu().numpy(), affine_np, np.float32)
-            io.save_nifti(
-                pair_dir / "uncertainty_mm.nii.gz", uncertainty[0, 0].cpu().numpy(), affine_np, np.float32
-            )
-        if self.figures:
-            figs.output_grid(
-                pair_dir / "output_grid.png",
-                fixed,
-                moving,
-                warped,
-                mean_disp,
-                affine_np,
-                uncertainty,
-                mask,
-                title=f"{self.run_name}: {pair_id}",
-            )
-            if warped_seg_mean is not None:
-                figs.label_overlay(
-                    pair_dir / "label_overlay.png",
-                    fixed,
-                    warped_seg_mean,
-                    affine_np,
-                    fixed_seg=fixed_seg,
-                    moving_seg=moving_seg,
-                    structures=self.structures,
-                    title=f"{self.run_name}: {pair_id} (posterior-mean transformation)",
-                )
-        summary["eval_seconds"] = time.perf_counter() - t0
-        _write_json(pair_dir / "summary.json", summary)
-        self._pairs.append(summary)
-        return summary
+            io.save_nifti(pair_dir / "uncertainty_mm.nii.gz", uncertainty[0, 0].cpu().numpy(), affine_np, np.float32)
+        if not self.figures:
+            return
+        figs.output_grid(pair_dir / "output_grid.png", p.fixed, p.moving, warped, p.mean_disp, affine_np, uncertainty,
+                         p.mask, title=f"{self.run_name}: {p.pair_id}")
+        if warped_seg_mean is not None:
+            figs.label_overlay(pair_dir / "label_overlay.png", p.fixed, warped_seg_mean, affine_np,
+                               fixed_seg=p.fixed_seg, moving_seg=p.moving_seg, structures=self.structures,
+                               title=f"{self.run_name}: {p.pair_id} (posterior-mean transformation)")
 
     # ------------------------------------------------------------------------------------------------------------
     def metrics_table(self) -> pd.DataFrame:
         """The rows of ``metrics.csv`` so far."""
-        return pd.DataFrame(self._rows, columns=METRIC_COLUMNS)
+        return pd.DataFrame(self.overlap.samples, columns=METRIC_COLUMNS)
 
     def per_pair_table(self) -> pd.DataFrame:
         """The rows of ``per_pair.csv`` so far (required columns first)."""
@@ -392,22 +423,16 @@ class Evaluator:
 
     def finalize(self) -> dict:
         """Write the run's tables, summary and plots; return the summary dict (see module docstring)."""
-        metrics = self.metrics_table()
+        metrics, mean_rows, before_rows = self.overlap.tables()
         per_pair = self.per_pair_table()
-        mean_rows = pd.DataFrame(self._mean_rows, columns=METRIC_COLUMNS)
-        before_rows = pd.DataFrame(self._before_rows, columns=METRIC_COLUMNS)
         _write_csv(self.out_dir / "metrics.csv", metrics)
         _write_csv(self.out_dir / "metrics_mean.csv", mean_rows)
         _write_csv(self.out_dir / "metrics_before.csv", before_rows)
         _write_csv(self.out_dir / "per_pair.csv", per_pair)
 
-        bins = None
-        pooled = {"spearman_disagreement": None, "spearman_error": None}
-        if self._calib:
-            u, d, e = (np.concatenate(parts) for parts in zip(*self._calib, strict=True))
-            bins = calibration_bins(u, {"disagreement": d, "error": e}, self.n_bins)
+        bins, pooled = self.calibration.pooled()
+        if bins is not None:
             _write_csv(self.out_dir / "calibration_bins.csv", bins)
-            pooled = {"spearman_disagreement": spearman(u, d), "spearman_error": spearman(u, e)}
 
         summary: dict[str, Any] = {
             "run": self.run_name,
