@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import Dataset
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -73,3 +75,60 @@ def ukbb_root(tmp_path: Path) -> Path:
     (tmp_path / "train.txt").write_text("# training ids\n1000\n1001\n1002\n\n")
     (tmp_path / "test.txt").write_text("1003, extra column\n1004\n")
     return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared phantoms (registration side): analytic blobs and (atlas, deformed atlas) pairs. Module-level helpers
+# (``from conftest import PhantomPairs, blob``) because test classes and spawned DDP workers need them by name.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def blob(shape=(12, 14, 10), centre=(6, 7, 5), scale: float = 3.0) -> np.ndarray:
+    """A Gaussian blob ``exp(-|x - centre|^2 / (2 scale^2))`` on a ``shape`` voxel grid, float32 ``[D, H, W]``."""
+    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    c = np.asarray(centre, dtype=np.float32).reshape(3, 1, 1, 1)
+    return np.exp(-(((x - c) / scale) ** 2).sum(0) * 0.5).astype(np.float32)
+
+
+class PhantomPairs(Dataset):
+    """``n`` (atlas, smoothly deformed atlas) pairs as PairDataset items, on a small grid.
+
+    The atlas is a smoothed uniform-noise image in [0, 1]; pair ``i`` warps it by ``exp(v_i)`` with ``v_i`` smoothed
+    Gaussian noise times ``disp_scale`` (voxels). Labels: ``sum_t (atlas > t)`` over ``thresholds`` (ids 1, 2, ...);
+    the moving labels are the atlas labels warped with the pair (``warp_seg``) or the atlas labels themselves.
+    Identity affine; masks all ones. Deterministic in ``seed``.
+    """
+
+    def __init__(
+        self,
+        n: int = 4,
+        dims=(12, 14, 16),
+        seed: int = 0,
+        disp_scale: float = 6.0,
+        thresholds=(0.5,),
+        warp_seg: bool = False,
+    ) -> None:
+        from learnsim.spatial import gaussian_smooth, integrate_svf, warp, warp_labels
+
+        g = torch.Generator().manual_seed(seed)
+        atlas = gaussian_smooth(torch.rand(1, 1, *dims, generator=g), 1.5)
+        self.atlas = (atlas - atlas.min()) / (atlas.max() - atlas.min())
+        self.seg = sum((self.atlas[0] > t).long() for t in thresholds)
+        self.moving, self.moving_seg = [], []
+        for _ in range(n):
+            v = gaussian_smooth(torch.randn(1, 3, *dims, generator=g), 2.0) * disp_scale
+            d = integrate_svf(v, 6)
+            self.moving.append(warp(self.atlas, d)[0])
+            self.moving_seg.append(warp_labels(self.seg[None], d)[0] if warp_seg else self.seg)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        ones = torch.ones(1, *self.atlas.shape[2:])
+        return {
+            "fixed": self.atlas[0], "moving": self.moving[i], "fixed_mask": ones, "moving_mask": ones,
+            "fixed_seg": self.seg, "moving_seg": self.moving_seg[i], "has_seg": torch.tensor(True),
+            "index": torch.tensor(i), "pair_id": f"pair{i}", "affine": torch.eye(4, dtype=torch.float64),
+        }

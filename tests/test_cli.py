@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import blob
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -81,10 +83,7 @@ def test_unknown_config_key_is_named():
 # ---------------------------------------------------------------------------------------------- learnsim-register
 
 
-def _blob(shape, centre, scale=4.0):
-    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
-    c = np.asarray(centre, dtype=np.float32).reshape(3, 1, 1, 1)
-    return np.exp(-(((x - c) / scale) ** 2).sum(0) * 0.5).astype(np.float32)
+_blob = partial(blob, scale=4.0)  # the shared phantom (conftest)
 
 
 @pytest.fixture()

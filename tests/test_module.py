@@ -9,7 +9,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from conftest import PhantomPairs
+from torch.utils.data import DataLoader
 
 from learnsim.distributed import ManualSyncDDPStrategy, RankShardSampler
 from learnsim.distributions import init_q_v
@@ -18,37 +19,10 @@ from learnsim.metric import CNNSSD
 from learnsim.module import LearnSimModule
 from learnsim.registration import VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
-from learnsim.spatial import gaussian_smooth, integrate_svf, warp
 from learnsim.state import QVStateStore
 from learnsim.transformation import SVF
 
 DIMS = (12, 14, 16)
-
-
-class PhantomPairs(Dataset):
-    """(atlas, deformed atlas) pairs on a small grid: smooth random images and smooth random deformations."""
-
-    def __init__(self, n: int = 4, dims=DIMS, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        atlas = gaussian_smooth(torch.rand(1, 1, *dims, generator=g), 1.5)
-        self.atlas = (atlas - atlas.min()) / (atlas.max() - atlas.min())
-        self.moving = []
-        for _ in range(n):
-            v = gaussian_smooth(torch.randn(1, 3, *dims, generator=g), 2.0) * 6
-            self.moving.append(warp(self.atlas, integrate_svf(v, 6))[0])
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        ones = torch.ones(1, *self.atlas.shape[2:])
-        seg = (self.atlas[0] > 0.5).long()
-        return {
-            "fixed": self.atlas[0], "moving": self.moving[i], "fixed_mask": ones, "moving_mask": ones,
-            "fixed_seg": seg, "moving_seg": seg, "has_seg": torch.tensor(True), "index": torch.tensor(i),
-            "pair_id": f"pair{i}", "affine": torch.eye(4, dtype=torch.float64),
-        }
 
 
 class PhantomDataModule(pl.LightningDataModule):
@@ -57,7 +31,7 @@ class PhantomDataModule(pl.LightningDataModule):
         self.n, self.batch_size = n, batch_size
 
     def setup(self, stage: str) -> None:
-        self.ds = PhantomPairs(self.n)
+        self.ds = PhantomPairs(self.n, DIMS)
 
     def atlas(self) -> torch.Tensor:
         return self.ds.atlas

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pickle
 import sys
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import blob
 
 from learnsim import api
 from learnsim.cli import register as register_cli
@@ -18,10 +20,7 @@ from learnsim.data.validate import DataValidationError, PairRecord, validate_pai
 SHAPE = (12, 14, 10)
 
 
-def _blob(shape=SHAPE, centre=(6, 7, 5), scale=3.0) -> np.ndarray:
-    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
-    c = np.asarray(centre, dtype=np.float32).reshape(3, 1, 1, 1)
-    return np.exp(-(((x - c) / scale) ** 2).sum(0) * 0.5).astype(np.float32)
+_blob = partial(blob, shape=SHAPE, centre=(6, 7, 5), scale=3.0)  # the shared phantom (conftest)
 
 
 def _save(path: Path, arr: np.ndarray, aff=None) -> Path:

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, Dataset
+from conftest import PhantomPairs
+from torch.utils.data import DataLoader
 
 from learnsim.distributed import ManualSyncDDPStrategy, RankShardSampler
 from learnsim.energies import RegLossL2
@@ -20,7 +21,7 @@ from learnsim.metric import CNNSSD
 from learnsim.module import LearnSimModule
 from learnsim.registration import VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
-from learnsim.spatial import gaussian_smooth, integrate_svf, warp, warp_labels
+from learnsim.spatial import gaussian_smooth, warp_labels
 from learnsim.transformation import SVF
 
 SHAPE = (10, 11, 12)
@@ -130,35 +131,10 @@ def test_two_gloo_processes_report_the_one_process_numbers(tmp_path: Path) -> No
 DIMS = (10, 12, 12)
 
 
-class _Pairs(Dataset):
-    def __init__(self, n: int = 3) -> None:
-        g = torch.Generator().manual_seed(0)
-        atlas = gaussian_smooth(torch.rand(1, 1, *DIMS, generator=g), 1.5)
-        self.atlas = (atlas - atlas.min()) / (atlas.max() - atlas.min())
-        self.seg = (self.atlas[0] > 0.6).long() + (self.atlas[0] > 0.4).long()  # labels 1 and 2
-        self.moving, self.moving_seg = [], []
-        for _ in range(n):
-            v = gaussian_smooth(torch.randn(1, 3, *DIMS, generator=g), 2.0) * 8
-            d = integrate_svf(v, 6)
-            self.moving.append(warp(self.atlas, d)[0])
-            self.moving_seg.append(warp_labels(self.seg[None], d)[0])
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        ones = torch.ones(1, *DIMS)
-        return {
-            "fixed": self.atlas[0], "moving": self.moving[i], "fixed_mask": ones, "moving_mask": ones,
-            "fixed_seg": self.seg, "moving_seg": self.moving_seg[i], "has_seg": torch.tensor(True),
-            "index": torch.tensor(i), "pair_id": f"pair{i}", "affine": torch.eye(4, dtype=torch.float64),
-        }
-
-
 class _ValData(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
-        self.ds = _Pairs(3)
+        # 3 pairs, labels 1 and 2, moving labels warped with each pair
+        self.ds = PhantomPairs(3, DIMS, disp_scale=8.0, thresholds=(0.6, 0.4), warp_seg=True)
 
     def val_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer else 0
