@@ -61,7 +61,3 @@ class Atlas:
     @property
     def has_seg(self) -> bool:
         return self.seg is not None
-
-    def __call__(self) -> Tensor:
-        """Transitional: ``dm.atlas()`` of the former API (the image). Read ``atlas.image`` instead."""
-        return self.image
