@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from learnsim.energies import low_rank_entropy
+from learnsim.kernels.backend import use_numba
 
-__all__ = ["LowRankParams", "antithetic_samples", "init_q_v", "QF", "Generators", "randn", "rand"]
+__all__ = ["LowRankParams", "antithetic_samples", "antithetic_pair", "init_q_v", "QF", "Generators", "randn", "rand"]
 
 # One generator for the whole batch, one per batch element (reproducible per pair whatever the batch/DDP layout),
 # or None for the global RNG.
@@ -59,6 +60,19 @@ class LowRankParams:
         return LowRankParams(self.loc.detach(), self.log_var.detach(), self.u.detach())
 
 
+def _draws(p: LowRankParams, generator: Generators) -> tuple[Tensor, Tensor]:
+    """The pair's standard normal draws: ``eps`` ``[B, *event]`` voxel-wise, then ``xi`` ``[B, r]`` (this order)."""
+    eps = randn(p.loc.shape, p.loc, generator)
+    b, r = p.u.shape[:2]
+    return eps, randn((b, r), p.loc, generator)
+
+
+def _noise(p: LowRankParams, eps: Tensor, xi: Tensor) -> Tensor:
+    b, r = p.u.shape[:2]
+    xi = xi.view(b, r, *([1] * (p.u.dim() - 2)))
+    return torch.exp(0.5 * p.log_var) * eps + (xi * p.u).sum(1)
+
+
 def antithetic_samples(p: LowRankParams, generator: Generators = None) -> tuple[Tensor, Tensor]:
     """Reparameterised antithetic pair ``mu +/- (sigma * eps + sum_r xi_r u_r)``.
 
@@ -67,12 +81,24 @@ def antithetic_samples(p: LowRankParams, generator: Generators = None) -> tuple[
     Returns:
         Two tensors shaped like ``p.loc``.
     """
-    eps = randn(p.loc.shape, p.loc, generator)
-    b, r = p.u.shape[:2]
-    xi = randn((b, r), p.loc, generator)
-    xi = xi.view(b, r, *([1] * (p.u.dim() - 2)))
-    noise = torch.exp(0.5 * p.log_var) * eps + (xi * p.u).sum(1)
+    noise = _noise(p, *_draws(p, generator))
     return p.loc + noise, p.loc - noise
+
+
+def antithetic_pair(p: LowRankParams, generator: Generators = None) -> tuple[Tensor, Tensor]:
+    """The antithetic pair stacked, ``[2B, *event]`` (the ``+`` halves first), and ``p``'s entropy ``[B]``.
+
+    Equal to ``torch.cat(antithetic_samples(p, generator))`` and ``p.entropy()`` (same draws from ``generator``);
+    on CPU the numba kernel computes both, and their gradients, in one pass each
+    (:func:`learnsim.kernels.ops.antithetic_pair`).
+    """
+    eps, xi = _draws(p, generator)
+    if use_numba(p.loc, p.log_var, p.u):
+        from learnsim.kernels import ops
+
+        return ops.antithetic_pair(p.loc, p.log_var, p.u, eps, xi)
+    noise = _noise(p, eps, xi)
+    return torch.cat([p.loc + noise, p.loc - noise]), p.entropy()
 
 
 def init_q_v(

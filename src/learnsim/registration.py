@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learnsim.distributions import Generators, LowRankParams, antithetic_samples, init_q_v, rand
+from learnsim.distributions import Generators, LowRankParams, antithetic_pair, antithetic_samples, init_q_v, rand
 from learnsim.energies import RegLossL2
 from learnsim.metric import SimilarityMetric
 from learnsim.pyramid import Pyramid, upsample_q_v
@@ -251,7 +251,7 @@ class VariationalRegistration:
             return disp
         b = disp.shape[0] // chunks
         noise = torch.cat([rand((b, *disp.shape[1:]), disp, generator) for _ in range(chunks)])
-        return disp + (noise * 2 - 1) * self.uniform_noise
+        return disp + noise.mul_(2).sub_(1).mul_(self.uniform_noise)  # in place: no extra full-size fields
 
     def _autocast(self, device: torch.device):
         if self.amp and device.type == "cuda":
@@ -278,8 +278,8 @@ class VariationalRegistration:
         """
         b = moving.shape[0]
         shape = moving.shape[2:]
-        v1, v2 = antithetic_samples(params, generator)
-        v, disp = self.displacement(torch.cat([v1, v2]), shape)
+        pair, entropy = antithetic_pair(params, generator)
+        v, disp = self.displacement(pair, shape)
         if training:
             # antithetic halves get independent noise, drawn from the same per-pair generators
             disp = self.add_coordinate_noise(disp, generator, chunks=2)
@@ -290,7 +290,7 @@ class VariationalRegistration:
             m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
             data = self.metric.energy_from_features(ff, feat_warped, m).to(v.dtype)
         energy = data + self.reg(v)
-        return energy.view(2, b).mean(0) - params.entropy()
+        return energy.view(2, b).mean(0) - entropy
 
     @contextlib.contextmanager
     def _frozen_metric(self) -> Iterator[None]:

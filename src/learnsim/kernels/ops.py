@@ -8,7 +8,9 @@ Each function here computes exactly what its PyTorch counterpart computes (same 
 * :func:`warp` — trilinear pull-back warp with border padding, gradients w.r.t. the displacement and the image;
 * :func:`smooth` — separable filtering with replicate padding (no gradient: used under the Sobolev smoother's
   identity backward);
-* :func:`l2_gradient_energy` — the L2 regulariser and its gradient in one pass.
+* :func:`l2_gradient_energy` — the L2 regulariser and its gradient in one pass;
+* :func:`antithetic_pair` — q_v's antithetic pair of samples and its entropy, with the gradients of both in one
+  backward pass.
 
 Inputs must be CPU float32/float64 tensors; :func:`learnsim.kernels.backend.use_numba` decides when these run.
 """
@@ -26,9 +28,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from learnsim.kernels import lcc_numba as L
+from learnsim.kernels import sampling_numba as S
 from learnsim.kernels import trilinear_numba as K
 
-__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "lcc", "chunks", "Workspace"]
+__all__ = ["integrate_svf", "warp", "smooth", "l2_gradient_energy", "lcc", "antithetic_pair", "chunks", "Workspace"]
 
 
 class Workspace:
@@ -135,8 +138,9 @@ class _Integrate(torch.autograd.Function):
             m = int(math.ceil(reach)) + 1 if math.isfinite(reach) else d
             K.squaring_backward(flat[k], _np(g), _np(acc), *grid, max(2 * m, 1))
             g = acc
-        dv = g.view(b, d, h, w, 3).permute(0, 4, 1, 2, 3) * (1.0 / 2**ctx.no_steps)
-        return dv.contiguous(), None
+        dv = torch.empty((b, 3, d, h, w), dtype=g.dtype)
+        torch.mul(g.view(b, d, h, w, 3).permute(0, 4, 1, 2, 3), 1.0 / 2**ctx.no_steps, out=dv)  # one pass
+        return dv, None
 
 
 def integrate_svf(v: Tensor, no_steps: int) -> Tensor:
@@ -281,3 +285,44 @@ def lcc(fixed: Tensor, warped: Tensor, mask: Tensor | None, radius: int, eps: fl
     ``fixed`` ``[1 or B, C, D, H, W]`` (no gradient), ``warped`` ``[B, C, D, H, W]``, ``mask`` ``[1 or B, 1, ...]``.
     """
     return _LCC.apply(fixed.detach().contiguous(), warped.contiguous(), mask, int(radius), float(eps))
+
+
+class _AntitheticPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loc: Tensor, log_var: Tensor, u: Tensor, eps: Tensor, xi: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        chunks(loc.numel())
+        b, r = u.shape[:2]
+        flat = [t.detach().reshape(b, -1) for t in (loc, log_var, eps)]
+        uf = u.detach().reshape(b, r, -1)
+        pair = torch.empty((2 * b, *loc.shape[1:]), dtype=loc.dtype)
+        partial = np.empty((b, S.NO_CHUNKS, 1 + r * r), dtype=np.float64)
+        S.antithetic_forward(*(_np(t) for t in flat[:2]), _np(uf), _np(flat[2]), _np(xi.detach()),
+                             _np(pair.view(2 * b, -1)), partial)
+        sums = partial.sum(axis=1)  # fixed order over the chunks
+        cap = np.eye(r)[None] + sums[:, 1:].reshape(b, r, r)
+        _sign, logdet = np.linalg.slogdet(cap)
+        entropy = torch.from_numpy(0.5 * (sums[:, 0] + logdet)).to(loc.dtype)
+        ctx.save_for_backward(log_var, u, eps, xi)
+        ctx.cinv = np.linalg.inv(cap)
+        return pair, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pair: Tensor, grad_entropy: Tensor):  # type: ignore[override]
+        log_var, u, eps, xi = ctx.saved_tensors
+        chunks(log_var.numel())
+        b, r = u.shape[:2]
+        d_loc, d_log_var, d_u = torch.empty_like(log_var), torch.empty_like(log_var), torch.empty_like(u)
+        S.antithetic_backward(_np(log_var.reshape(b, -1)), _np(u.reshape(b, r, -1)), _np(eps.reshape(b, -1)),
+                              _np(xi), _np(grad_pair.contiguous().view(2 * b, -1)),
+                              _np(grad_entropy.to(torch.float64).contiguous()), ctx.cinv,
+                              _np(d_loc.view(b, -1)), _np(d_log_var.view(b, -1)), _np(d_u.view(b, r, -1)))
+        return d_loc, d_log_var, d_u, None, None
+
+
+def antithetic_pair(loc: Tensor, log_var: Tensor, u: Tensor, eps: Tensor, xi: Tensor) -> tuple[Tensor, Tensor]:
+    """q_v's antithetic pair ``cat([mu + n, mu - n])`` ``[2B, *event]`` (``n = sigma * eps + sum_r xi_r u_r``) and
+    its entropy up to the constant ``[B]`` (:func:`learnsim.energies.low_rank_entropy`), from the standard normal
+    draws ``eps`` ``[B, *event]`` and ``xi`` ``[B, r]``. Gradients flow to ``loc``, ``log_var`` and ``u``."""
+    tensors = [t.contiguous() for t in (loc, log_var, u, eps, xi)]
+    return _AntitheticPair.apply(*tensors)
