@@ -1,4 +1,4 @@
-"""VoxelMorph with a baseline or a frozen learnt metric (SPEC section 7): network, training, checkpoints, configs."""
+"""VoxelMorph with a baseline or a frozen learnt metric (docs/method.md#voxelmorph): network, training, checkpoints, configs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """UK Biobank-style cohorts: one folder per subject ID under a root, one subject as the atlas.
 
-Default file names are those the original code read (see DATA.md)::
+Default file names are those the original code read (docs/data.md#your-cohort)::
 
     <root>/<ID>/T2_FLAIR_unbiased_brain_affine_to_mni.nii.gz     image (brain-extracted, bias-corrected)
     <root>/<ID>/T1_brain_mask_affine_to_mni.nii.gz                brain mask
