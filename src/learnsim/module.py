@@ -137,8 +137,6 @@ class LearnSimModule(pl.LightningModule):
         self.q_f_objective = QFObjective(objective)
         self.q_f = QF(torch.zeros(1, 1, *self.dims), **q_f)
         self.no_iters_q_v = registration.no_iters
-        if self.no_iters_q_v < 1:
-            raise ValueError(f"q_v.no_iters must be an integer >= 1; got {self.no_iters_q_v}")
         self._opt_factories = (optimizer_q_f or _adam(1e-3), optimizer_q_phi or _adam(1e-5))
         self.state_dir = state_dir
         self.state_dtype = state_dtype
@@ -221,7 +219,12 @@ class LearnSimModule(pl.LightningModule):
         return bar, update, every
 
     def _atlas(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """The fixed image and its mask, ``[1, 1, D, H, W]`` each (the atlas: the same for every pair)."""
+        """The fixed image and its mask, ``[1, 1, D, H, W]`` each: the datamodule's atlas
+        (:class:`learnsim.data.atlas.Atlas`), or, for a datamodule without one, the batch's first ``fixed``."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        atlas = getattr(dm, "atlas", None)
+        if getattr(atlas, "image", None) is not None and getattr(atlas, "mask", None) is not None:
+            return atlas.image.to(self.device), atlas.mask.to(self.device)
         return batch["fixed"][:1], batch["fixed_mask"][:1]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -192,6 +192,8 @@ class VariationalRegistration:
         self.reg = reg
         self.sobolev = sobolev
         self.no_iters = int(no_iters)
+        if self.no_iters < 1:
+            raise ValueError(f"q_v.no_iters must be an integer >= 1; got {no_iters}")
         self.lr = float(lr)
         self.sigma_init = float(sigma_init)
         self.u_init = float(u_init)

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(130) from None
 
 
-def _main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="learnsim-register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fixed", help="fixed image (the atlas), NIfTI")
     ap.add_argument("moving", help="moving image, NIfTI (resampled into the fixed grid through its affine if needed)")
@@ -167,7 +167,11 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="ssd", help="ssd | lcc | path to a learnsim checkpoint (.ckpt)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("overrides", nargs="*", help=f"key=value, keys: {', '.join(sorted(_OVERRIDABLE))}")
-    args = ap.parse_intermixed_args(argv)
+    return ap
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
     kwargs = _parse_overrides(args.overrides)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -205,6 +209,15 @@ def _main(argv: list[str] | None = None) -> int:
     for note in res.notes:
         print(f"learnsim-register: {note}")
 
+    line = _write_outputs(out, args, res, kwargs, sched, start)
+    print(f"learnsim-register: wrote {out} (fit {res.fit.seconds:.1f} s)")
+    print(line)
+    return 0
+
+
+def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched, start: float) -> str:
+    """Write the NIfTI maps, ``registration.json`` and figures to a staging folder, then rename it to ``out``
+    (replacing a previous learnsim-register output); returns the summary line."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -239,9 +252,7 @@ def _main(argv: list[str] | None = None) -> int:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    print(f"learnsim-register: wrote {out} (fit {res.fit.seconds:.1f} s)")
-    print(line)
-    return 0
+    return line
 
 
 if __name__ == "__main__":
