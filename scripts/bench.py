@@ -54,7 +54,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+# isort: off
+import learnsim  # noqa: F401  (before torch: sets the OpenMP spin policy both runtimes read when they load)
 import torch
+
+# isort: on
 
 from learnsim.defaults import PAPER
 from learnsim.energies import EnergyKind
