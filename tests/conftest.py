@@ -132,3 +132,59 @@ class PhantomPairs(Dataset):
             "fixed_seg": self.seg, "moving_seg": self.moving_seg[i], "has_seg": torch.tensor(True),
             "index": torch.tensor(i), "pair_id": f"pair{i}", "affine": torch.eye(4, dtype=torch.float64),
         }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Composed configs (registration / CLI side): cfg_train and cfg_test on a tiny phantom cohort, seconds to run
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def phantom_cohort(tmp_path: Path) -> Path:
+    """A pair-list cohort under ``tmp_path/cohort``: an atlas and four phantom subjects, ``train.csv`` (2 pairs),
+    ``val.csv`` and ``test.csv`` (1 pair each), all registered to the one atlas."""
+    from learnsim.data.ukbb import UKBB_IMAGE, UKBB_MASK, UKBB_SEG
+
+    root = tmp_path / "cohort"
+    write_phantom_subject(root / "atlas", 0.0, 1.5, False)
+    for sid, (shift, sp, flip) in {"s1": (1.0, 1.5, True), "s2": (-1.0, 1.25, False), "s3": (0.5, 1.5, True),
+                                   "s4": (-0.5, 1.5, False)}.items():
+        write_phantom_subject(root / sid, shift, sp, flip)
+    header = "fixed,moving,fixed_mask,moving_mask,fixed_seg,moving_seg\n"
+    a = f"atlas/{UKBB_IMAGE},{{s}}/{UKBB_IMAGE},atlas/{UKBB_MASK},{{s}}/{UKBB_MASK},atlas/{UKBB_SEG},{{s}}/{UKBB_SEG}\n"
+    for name, subjects in (("train", ("s1", "s2")), ("val", ("s3",)), ("test", ("s4",))):
+        (root / f"{name}.csv").write_text(header + "".join(a.format(s=s) for s in subjects))
+    return root
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from learnsim.cli.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture
+def cfg_train(phantom_cohort: Path, tmp_path: Path):
+    """``learnsim-train +experiment=demo`` on :func:`phantom_cohort` at 16^3 (``data.dims`` as one int), 2 q_v
+    iterations, 1 epoch, no logger: a full ``cli.train.train(cfg)`` in seconds."""
+    return _compose("train", [
+        "+experiment=demo", f"paths.data_dir={phantom_cohort}", f"paths.output_dir={tmp_path / 'train'}",
+        "data.dims=16", "data.batch_size=2", "data.intensity=minmax", "logger=none",
+        "transformation.no_steps=3", "q_v.no_iters=2", "no_iters_val=2", "trainer.max_epochs=1",
+        "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "+trainer.enable_model_summary=false",
+    ])
+
+
+@pytest.fixture
+def cfg_test(phantom_cohort: Path, tmp_path: Path):
+    """``learnsim-test metric=ssd`` on :func:`phantom_cohort`'s test pair at 16^3, 3 q_v iterations, no figures or
+    NIfTI files: a full ``cli.test.evaluate(cfg)`` in seconds."""
+    return _compose("test", [
+        "+experiment=demo", "metric=ssd", f"paths.data_dir={phantom_cohort}", f"paths.output_dir={tmp_path / 'test'}",
+        "data.dims=16", "data.intensity=minmax", "logger=none",
+        "transformation.no_steps=3", "q_v.no_iters=3", "no_samples=2", "no_samples_uncertainty=3", "device=cpu",
+        "figures=false", "save_nifti=false",
+    ])
