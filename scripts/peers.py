@@ -537,6 +537,10 @@ def _atlas_dims(csv_path: Path) -> int:
 
 def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     configure_threads(args.threads, args.seed)
+    # learnsim before torch (FireANTs imports torch): learnsim sets the OpenMP spin policy (GOMP_SPINCOUNT) that
+    # torch's runtime reads when it loads, so the peers run under the same policy as learnsim's own runs.
+    import learnsim  # noqa: F401
+
     for m in args.methods:  # fail before any work if a peer is missing
         require_peer(m)
     import torch
