@@ -27,10 +27,10 @@ __all__ = ["load_metric", "load_checkpoint", "checkpoint_settings", "register", 
 # Read-only views of learnsim.defaults, for callers of the former tables (the paper's per-energy settings, and what
 # learnsim.register uses when the caller says nothing)
 DEFAULTS: dict[str, dict[str, float]] = {
-    str(k): {"w_reg": p.w_reg, "lr": p.lr, "no_iters": p.no_iters} for k, p in PAPER.items()
+    k.value: {"w_reg": p.w_reg, "lr": p.lr, "no_iters": p.no_iters} for k, p in PAPER.items()
 }
 REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
-    str(k): {"levels": r.levels, "level_iters": r.level_iters, "level_lr": r.level_lr, "data_weight": r.data_weight}
+    k.value: {"levels": r.levels, "level_iters": r.level_iters, "level_lr": r.level_lr, "data_weight": r.data_weight}
     for k, r in REGISTER.items()
 }
 
@@ -51,7 +51,7 @@ def register_schedule(
       with no ``no_iters``: the paper's :data:`DEFAULTS`);
     * ``lr`` sets every level's rate unless ``level_lr`` is given.
     """
-    d, paper = REGISTER_DEFAULTS[str(energy)], DEFAULTS[str(energy)]
+    d, paper = REGISTER_DEFAULTS[EnergyKind(energy).value], DEFAULTS[EnergyKind(energy).value]
     if level_iters is not None:
         level_iters = [int(n) for n in level_iters]
         levels = len(level_iters) if levels is None else levels
@@ -115,7 +115,7 @@ def _check_settings(**kw: Any) -> None:
         "histmatch": (lambda v: isinstance(v, bool), "true or false"),
         "sobolev": (lambda v: isinstance(v, bool), "true or false"),
         "dims": (lambda v: v is None or all(int(d) >= 1 for d in ((v,) if isinstance(v, int) else v)), "positive"),
-        "transformation": (lambda v: v in tuple(TransformationKind), " or ".join(f"'{k}'" for k in TransformationKind)),
+        "transformation": (lambda v: v in tuple(TransformationKind), " or ".join(f"'{k.value}'" for k in TransformationKind)),
     }
     for key, value in kw.items():
         ok, expected = rules[key]
@@ -218,8 +218,8 @@ def register(
         metric: ``"ssd"``, ``"lcc"`` (baselines), a checkpoint path (``*.ckpt``: its learnt metric) or a
             :class:`~learnsim.metric.SimilarityMetric`.
         moving_seg: label map to warp (nearest). fixed_mask: energies are summed inside it (all voxels if None).
-        affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths.
-        transformation: ``"svf"`` or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
+        affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths. transformation: ``"svf"``
+            or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
         levels, level_iters, level_lr, no_iters, lr: the q_v schedule (lists coarsest level first), resolved by
             :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels, 200/100/50
             steps); ``no_iters`` alone is one level of that many steps (the paper's: 1024 SSD / 1344 LCC); ``lr``
@@ -227,28 +227,23 @@ def register(
         w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
         data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``). None: SSD 100,
             LCC 10 for the baselines (:data:`learnsim.defaults.REGISTER`), a learnt metric keeps its own.
-        histmatch: match the moving image's histogram (inside its non-zero voxels) to the fixed image's (inside
-            ``fixed_mask``) before registering (:func:`learnsim.data.preprocess.match_histogram`).
-        progress: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels);
-            on_level: ``on_level(level, no_levels, shape, no_iters)`` before each level.
+        histmatch: match the moving image's histogram to the fixed image's first (:func:`~learnsim.data.preprocess.match_histogram`).
+        progress, on_level: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels),
+            ``on_level(level, no_levels, shape, no_iters)`` before each level.
     """
     _check_settings(no_iters=no_iters, no_steps=no_steps, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
                     lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
                     sobolev=sobolev, transformation=transformation, dims=dims)
-    kind = TransformationKind(transformation)
-    dev = resolve_device(device)
+    kind, dev = TransformationKind(transformation), resolve_device(device)
     metric = _resolve_metric(metric, data_weight)
     schedule = register_schedule(metric.energy_kind, levels, no_iters, lr, level_iters, level_lr)
     if schedule.levels > 1 and kind is not TransformationKind.SVF:
         raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
-
-    if isinstance(fixed, Tensor) and isinstance(moving, Tensor):
-        inputs = _tensor_inputs(fixed, moving, moving_seg, fixed_mask, affine)
-    else:
-        inputs = _file_inputs(fixed, moving, moving_seg, fixed_mask, dims)
+    tensors = isinstance(fixed, Tensor) and isinstance(moving, Tensor)
+    inputs = (_tensor_inputs(fixed, moving, moving_seg, fixed_mask, affine) if tensors
+              else _file_inputs(fixed, moving, moving_seg, fixed_mask, dims))
     if histmatch:
         inputs.match_histogram()
-
     torch.manual_seed(seed)
     reg = VariationalRegistration.paper(
         metric.to(dev), w_reg=w_reg, transformation=kind.build(no_steps, cps),
@@ -257,8 +252,7 @@ def register(
         uniform_noise=0.0, levels=schedule.levels, level_iters=schedule.iters, level_lr=schedule.lr,
     )
     moving_t, mask_t = inputs.moving.to(dev), (inputs.mask.to(dev) if inputs.mask is not None else None)
-    fit = reg.fit_levels(inputs.fixed.to(dev), moving_t, mask_t, progress=progress, log_every=4 if progress else 0,
-                         on_level=on_level)
+    fit = reg.fit_levels(inputs.fixed.to(dev), moving_t, mask_t, progress=progress, log_every=4 if progress else 0, on_level=on_level)
     out = _outputs(reg, fit, moving_t, inputs.seg, inputs.affine, no_samples, inputs.notes)
     back = inputs.back_to_fixed
     return _reorient(out, back) if back is not None and not np.allclose(back.affine, inputs.affine, atol=1e-6) else out
@@ -370,7 +364,9 @@ def _outputs(reg: VariationalRegistration, fit: FitResult, moving: Tensor, seg: 
     samples = reg.sample_displacements(fit.params, shape, max(no_samples, 0)) if no_samples > 0 else disp[None]
     aff_t = affine_to_tensor(grid_affine, dtype=torch.float32)
     with torch.no_grad():
-        from learnsim.evaluation.uncertainty import displacement_std_mm  # scipy/pandas: only once there are outputs
+        from learnsim.evaluation.uncertainty import (
+            displacement_std_mm,  # scipy/pandas: only once there are outputs
+        )
 
         warped = warp(moving, disp)
         warped_seg = warp_labels(seg.to(moving.device), disp) if seg is not None else None

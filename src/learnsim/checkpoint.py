@@ -8,7 +8,7 @@ recognised by their state dict (a VoxelMorph network's weights live under ``net.
 from __future__ import annotations
 
 import os
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ __all__ = ["MODULE_KEY", "ModuleKind", "load_checkpoint", "checkpoint_module", "
 MODULE_KEY = "learnsim_module"
 
 
-class ModuleKind(StrEnum):
+class ModuleKind(str, Enum):
     """The LightningModule a checkpoint comes from."""
 
     LEARNSIM = "LearnSimModule"

@@ -7,7 +7,7 @@ Functional forms first (plain functions on tensors), thin ``nn.Module`` wrappers
 from __future__ import annotations
 
 import math
-from enum import StrEnum
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-class EnergyKind(StrEnum):
+class EnergyKind(str, Enum):
     """The data term a metric compares features with; it selects the paper's settings (:mod:`learnsim.defaults`)."""
 
     SSD = "ssd"

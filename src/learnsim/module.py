@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ OptimFactory = Callable[..., torch.optim.Optimizer]
 RegistrationFactory = Callable[..., VariationalRegistration]
 
 
-class QFObjective(StrEnum):
+class QFObjective(str, Enum):
     """How q_f is trained (see the module docstring)."""
 
     ORIGINAL = "original"
@@ -131,7 +131,7 @@ class LearnSimModule(pl.LightningModule):
         self.transformation, self.reg_loss, self.sobolev = registration.transformation, registration.reg, registration.sobolev
         self.dims = as_dims(dims)
         q_f = dict(q_f or {})
-        objective = str(q_f.pop("objective", QFObjective.ORIGINAL))
+        objective = str(q_f.pop("objective", QFObjective.ORIGINAL.value))
         if objective not in tuple(QFObjective):
             raise ValueError(f"q_f.objective must be 'original' or 'bound'; got {objective!r}")
         self.q_f_objective = QFObjective(objective)

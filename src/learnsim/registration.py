@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learnsim.distributions import Generators, LowRankParams, antithetic_pair, antithetic_samples, init_q_v, rand
+from learnsim.distributions import (
+    Generators,
+    LowRankParams,
+    antithetic_pair,
+    antithetic_samples,
+    init_q_v,
+    rand,
+)
 from learnsim.energies import RegLossL2
 from learnsim.metric import SimilarityMetric
 from learnsim.pyramid import Pyramid, upsample_q_v

@@ -10,7 +10,7 @@ Both integrate with scaling and squaring (:func:`learnsim.spatial.integrate_svf`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
+from enum import Enum
 
 from torch import Tensor, nn
 
@@ -72,7 +72,7 @@ class SVFFD(SVF):
         return bspline_to_dense(params, shape, self.cps)
 
 
-class TransformationKind(StrEnum):
+class TransformationKind(str, Enum):
     """The transformation model by name (``learnsim.register(transformation=...)``; configs use ``_target_``)."""
 
     SVF = "svf"

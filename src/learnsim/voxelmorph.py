@@ -285,7 +285,7 @@ class VoxelMorphModule(pl.LightningModule):
                 raise ValueError(
                     f"VoxelMorphModule: metric_ckpt {metric_ckpt} holds a {resolved.spec['kind']} metric but the "
                     f"configured metric is {metric.spec['kind']}; use the matching experiment (vxm_learnt_"
-                    f"{resolved.energy_kind}) or metric={resolved.spec['kind']}"
+                    f"{resolved.energy_kind.value}) or metric={resolved.spec['kind']}"
                 )
         elif metric is not None:
             resolved = metric
