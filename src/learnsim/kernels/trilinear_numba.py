@@ -163,6 +163,7 @@ def squaring_forward(u, out, cz, cy, cx, unit, row_reach):
     nb = u.shape[0]
     nd, nh, nw = cz.shape[0], cy.shape[0], cx.shape[0]
     zero, one = unit[0], unit[1]
+    u1, u2 = np.uint64(1), np.uint64(2)
     for bz in prange(nb * nd):
         b = bz // nd
         z = bz % nd
@@ -172,15 +173,15 @@ def squaring_forward(u, out, cz, cy, cx, unit, row_reach):
         for y in range(nh):
             base = (z * nh + y) * nw
             for x in range(nw):
-                i = 3 * (base + x)
+                i = np.uint64(3 * (base + x))  # unsigned: no wrap-around guard on the loads
                 reach = max(reach, abs(a[i]))
                 o00, o01, o10, o11, x0, x1, fz, fy, fx, _gz, _gy, _gx = _corners(
-                    cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
+                    cz, cy, cx, z, y, x, a[i], a[i + u1], a[i + u2], nh, nw, zero, one
                 )
                 w, _yx, _zx, _zy = _weights(fz, fy, fx, one)
                 o[i] = a[i] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 0))
-                o[i + 1] = a[i + 1] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 1))
-                o[i + 2] = a[i + 2] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 2))
+                o[i + u1] = a[i + u1] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 1))
+                o[i + u2] = a[i + u2] + _dot8(w, _load8c(a, o00, o01, o10, o11, x0, x1, 2))
         row_reach[bz] = reach
 
 
@@ -197,6 +198,7 @@ def squaring_backward(u, g, acc, cz, cy, cx, unit, slab):
     nb = u.shape[0]
     nd, nh, nw = cz.shape[0], cy.shape[0], cx.shape[0]
     zero, one = unit[0], unit[1]
+    u1, u2 = np.uint64(1), np.uint64(2)
     per_b = (nd + slab - 1) // slab
     for phase in range(2):
         n_items = nb * ((per_b - phase + 1) // 2)
@@ -210,20 +212,20 @@ def squaring_backward(u, g, acc, cz, cy, cx, unit, slab):
                 for y in range(nh):
                     base = (z * nh + y) * nw
                     for x in range(nw):
-                        i = 3 * (base + x)
+                        i = np.uint64(3 * (base + x))  # unsigned: no wrap-around guard on the loads
                         o00, o01, o10, o11, x0, x1, fz, fy, fx, gz, gy, gx = _corners(
-                            cz, cy, cx, z, y, x, a[i], a[i + 1], a[i + 2], nh, nw, zero, one
+                            cz, cy, cx, z, y, x, a[i], a[i + u1], a[i + u2], nh, nw, zero, one
                         )
                         w, yx, zx, zy = _weights(fz, fy, fx, one)
-                        g0, g1, g2 = gb[i], gb[i + 1], gb[i + 2]
+                        g0, g1, g2 = gb[i], gb[i + u1], gb[i + u2]
                         # gradient through the sampling position, summed over the three sampled channels
                         d0z, d0y, d0x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 0), yx, zx, zy)
                         d1z, d1y, d1x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 1), yx, zx, zy)
                         d2z, d2y, d2x = _slopes(_load8c(a, o00, o01, o10, o11, x0, x1, 2), yx, zx, zy)
                         # the identity term of u + u o (id + u), and the position gradient
                         r[i] += g0 + (g0 * d0z + g1 * d1z + g2 * d2z) * gz
-                        r[i + 1] += g1 + (g0 * d0y + g1 * d1y + g2 * d2y) * gy
-                        r[i + 2] += g2 + (g0 * d0x + g1 * d1x + g2 * d2x) * gx
+                        r[i + u1] += g1 + (g0 * d0y + g1 * d1y + g2 * d2y) * gy
+                        r[i + u2] += g2 + (g0 * d0x + g1 * d1x + g2 * d2x) * gx
                         # transpose of the trilinear gather
                         _scatter_c(r, g0, w, o00, o01, o10, o11, x0, x1, 0)
                         _scatter_c(r, g1, w, o00, o01, o10, o11, x0, x1, 1)
@@ -303,51 +305,62 @@ def warp_backward(image, u, g, grad_u, bufs, need_image, cz, cy, cx, unit):
                             _scatter(r, gc, w, o00, o01, o10, o11, x0, x1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def smooth_axis(src, dst, weights, axis):
     """``dst = src`` filtered along ``axis`` (0: D, 1: H, 2: W) of ``[N, D, H, W]`` with the odd-length 1D
-    ``weights`` (correlation, replicate padding)."""
+    ``weights`` (correlation, replicate padding).
+
+    Every inner loop runs along a contiguous W row (row views, indices from ``range``), so that LLVM vectorises it:
+    along D and H a row of ``dst`` accumulates whole source rows; along W the interior of a row has no clamping.
+    """
     nn_, nd, nh, nw = src.shape
     k = weights.shape[0]
     r = k // 2
     for nz in prange(nn_ * nd):
         n = nz // nd
         z = nz % nd
-        if axis == 0:
-            for y in range(nh):
-                for x in range(nw):
-                    dst[n, z, y, x] = 0.0
-            for j in range(k):
-                zz = min(max(z + j - r, 0), nd - 1)
-                w = weights[j]
-                for y in range(nh):
-                    for x in range(nw):
-                        dst[n, z, y, x] += w * src[n, zz, y, x]
-        elif axis == 1:
-            for y in range(nh):
-                for x in range(nw):
-                    dst[n, z, y, x] = 0.0
-                for j in range(k):
-                    yy = min(max(y + j - r, 0), nh - 1)
-                    w = weights[j]
-                    for x in range(nw):
-                        dst[n, z, y, x] += w * src[n, z, yy, x]
-        else:
-            for y in range(nh):
-                for x in range(nw):
-                    s = 0.0
+        for y in range(nh):
+            d = dst[n, z, y]
+            if axis == 2:
+                row = src[n, z, y]
+                for x in range(min(r, nw)):  # left border: clamped taps
+                    acc = weights[0] - weights[0]  # a zero of the weights' dtype
                     for j in range(k):
-                        xx = min(max(x + j - r, 0), nw - 1)
-                        s += weights[j] * src[n, z, y, xx]
-                    dst[n, z, y, x] = s
+                        acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
+                    d[x] = acc
+                for x in range(r, nw - r):  # interior: no clamping
+                    acc = weights[0] * row[x - r]
+                    for j in range(1, k):
+                        acc += weights[j] * row[x + j - r]
+                    d[x] = acc
+                for x in range(max(nw - r, r), nw):  # right border
+                    acc = weights[0] - weights[0]  # a zero of the weights' dtype
+                    for j in range(k):
+                        acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
+                    d[x] = acc
+            else:
+                for j in range(k):
+                    if axis == 0:
+                        row = src[n, min(max(z + j - r, 0), nd - 1), y]
+                    else:
+                        row = src[n, z, min(max(y + j - r, 0), nh - 1)]
+                    w = weights[j]
+                    if j == 0:
+                        for x in range(nw):
+                            d[x] = w * row[x]
+                    else:
+                        for x in range(nw):
+                            d[x] += w * row[x]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def l2_gradient(v, w_reg, grad, row_energy):
     """``0.5 w_reg sum`` of squared forward differences of ``v`` ``[B, C, D, H, W]`` along D, H, W, and its gradient.
 
     Writes ``grad`` (same shape as ``v``) and ``row_energy`` ``[B * D]`` (the energy of each ``(b, z)`` slab's
-    forward differences; the per-pair energy is the sum over its ``D`` rows).
+    forward differences; the per-pair energy is the sum over its ``D`` rows). Each term is one pass along
+    contiguous W rows (vectorised); a voxel's gradient adds its terms in the order D, H, W (forward difference,
+    then backward).
     """
     nb, nc, nd, nh, nw = v.shape
     for bz in prange(nb * nd):
@@ -356,27 +369,37 @@ def l2_gradient(v, w_reg, grad, row_energy):
         e = 0.0
         for c in range(nc):
             a = v[b, c]
+            g = grad[b, c, z]
             for y in range(nh):
+                here = a[z, y]
+                out = g[y]
                 for x in range(nw):
-                    here = a[z, y, x]
-                    gr = 0.0
-                    if z + 1 < nd:
-                        d = a[z + 1, y, x] - here
-                        e += d * d
-                        gr -= d
-                    if z > 0:
-                        gr += here - a[z - 1, y, x]
-                    if y + 1 < nh:
-                        d = a[z, y + 1, x] - here
-                        e += d * d
-                        gr -= d
-                    if y > 0:
-                        gr += here - a[z, y - 1, x]
-                    if x + 1 < nw:
-                        d = a[z, y, x + 1] - here
-                        e += d * d
-                        gr -= d
-                    if x > 0:
-                        gr += here - a[z, y, x - 1]
-                    grad[b, c, z, y, x] = w_reg * gr
+                    out[x] = here[x] - here[x]  # zero (NaN where v is: as the plain sums)
+                for nb_axis in range(4):  # +D, -D, +H, -H neighbours (skipped on the grid's faces)
+                    if nb_axis == 0 and z + 1 < nd:
+                        other = a[z + 1, y]
+                    elif nb_axis == 1 and z > 0:
+                        other = a[z - 1, y]
+                    elif nb_axis == 2 and y + 1 < nh:
+                        other = a[z, y + 1]
+                    elif nb_axis == 3 and y > 0:
+                        other = a[z, y - 1]
+                    else:
+                        continue
+                    if nb_axis % 2 == 0:  # forward difference: its energy and its gradient
+                        for x in range(nw):
+                            d = other[x] - here[x]
+                            e += d * d
+                            out[x] -= d
+                    else:
+                        for x in range(nw):
+                            out[x] += here[x] - other[x]
+                for x in range(nw - 1):
+                    d = here[x + 1] - here[x]
+                    e += d * d
+                    out[x] -= d
+                for x in range(1, nw):
+                    out[x] += here[x] - here[x - 1]
+                for x in range(nw):
+                    out[x] *= w_reg
         row_energy[bz] = 0.5 * w_reg * e
