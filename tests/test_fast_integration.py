@@ -60,3 +60,24 @@ def test_svf_exact_by_default_and_settings_checked():
             SVF(bad)
     with pytest.raises(ValueError, match="int_downsize"):
         SVF(12, 0)
+
+
+def test_register_fast_mode_options_recover_the_shift_and_parse_from_the_cli():
+    """``learnsim.register(no_steps="auto", int_downsize=2)`` builds the fast-mode SVF and still recovers a one-voxel
+    shift; the CLI reads ``no_steps=auto`` / ``int_downsize=2`` and refuses a bad factor, naming the key."""
+    from learnsim import api
+    from learnsim.cli.register import _parse_overrides
+
+    shape = (20, 24, 28)
+    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
+
+    def blob(c):
+        return torch.exp(-((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / (2 * 3.0**2))
+
+    out = api.register(blob((10, 12, 14)), blob((11.0, 12, 13)), "ssd", no_iters=150, lr=0.05, no_steps="auto",
+                       int_downsize=2, no_samples=2, sigma_init=0.05, w_reg=0.5, histmatch=False, device="cpu")
+    centre = out.disp[0, :, 8:13, 10:15, 12:17].mean(dim=(1, 2, 3))
+    assert torch.allclose(centre, torch.tensor([1.0, 0.0, -1.0]), atol=0.3), centre
+    assert _parse_overrides(["no_steps=auto", "int_downsize=2"]) == {"no_steps": "auto", "int_downsize": 2}
+    with pytest.raises(ValueError, match="int_downsize must be an integer >= 1"):
+        api.register(blob((10, 12, 14)), blob((10, 12, 14)), "ssd", no_iters=1, int_downsize=0, device="cpu")

@@ -103,7 +103,8 @@ def _check_settings(**kw: Any) -> None:
     """Refuse out-of-range settings, naming the key (``no_iters=-5`` would silently run zero iterations)."""
     rules = {
         "no_iters": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
-        "no_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        "no_steps": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "an integer >= 0 or 'auto'"),
+        "int_downsize": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         "cps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         "rank": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         "no_samples": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
@@ -186,7 +187,7 @@ def register(
     affine: np.ndarray | None = None,
     dims: int | tuple[int, int, int] | None = None,
     transformation: str = "svf",
-    no_steps: int = 12,
+    no_steps: int | str = 12, int_downsize: int = 1,
     cps: int = 2,
     no_iters: int | None = None,
     lr: float | None = None,
@@ -220,18 +221,18 @@ def register(
         moving_seg: label map to warp (nearest). fixed_mask: energies are summed inside it (all voxels if None).
         affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths. transformation: ``"svf"``
             or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
+        no_steps, int_downsize: squarings (or ``"auto"``) and integration grid factor (:mod:`~learnsim.fast_integration`).
         levels, level_iters, level_lr, no_iters, lr: the q_v schedule (lists coarsest level first), resolved by
             :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels, 200/100/50
             steps); ``no_iters`` alone is one level of that many steps (the paper's: 1024 SSD / 1344 LCC); ``lr``
             sets every level's learning rate.
         w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
-        data_weight: the likelihood precision multiplying the data energy (``metric.energy.weight``). None: SSD 100,
-            LCC 10 for the baselines (:data:`learnsim.defaults.REGISTER`), a learnt metric keeps its own.
+        data_weight: the likelihood precision (``metric.energy.weight``); None: :data:`learnsim.defaults.REGISTER`'s.
         histmatch: match the moving image's histogram to the fixed image's first (:func:`~learnsim.data.preprocess.match_histogram`).
         progress, on_level: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels),
             ``on_level(level, no_levels, shape, no_iters)`` before each level.
     """
-    _check_settings(no_iters=no_iters, no_steps=no_steps, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
+    _check_settings(no_iters=no_iters, no_steps=no_steps, int_downsize=int_downsize, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
                     lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
                     sobolev=sobolev, transformation=transformation, dims=dims)
     kind, dev = TransformationKind(transformation), resolve_device(device)
@@ -246,7 +247,7 @@ def register(
         inputs.match_histogram()
     torch.manual_seed(seed)
     reg = VariationalRegistration.paper(
-        metric.to(dev), w_reg=w_reg, transformation=kind.build(no_steps, cps),
+        metric.to(dev), w_reg=w_reg, transformation=kind.build(no_steps, cps, int_downsize),
         sobolev=SobolevSmoother(sobolev, sobolev_s, sobolev_lambda).to(dev),
         no_iters=schedule.iters[-1], lr=schedule.lr[-1], sigma_init=sigma_init, u_init=u_init, rank=rank,
         uniform_noise=0.0, levels=schedule.levels, level_iters=schedule.iters, level_lr=schedule.lr,

@@ -78,6 +78,9 @@ class TransformationKind(str, Enum):
     SVF = "svf"
     SVFFD = "svffd"
 
-    def build(self, no_steps: int | str = 12, cps: int | Sequence[int] = 2) -> SVF:
-        """The model: :class:`SVF` (``cps`` unused) or :class:`SVFFD` with ``cps`` voxels between control points."""
-        return SVFFD(no_steps, cps) if self is TransformationKind.SVFFD else SVF(no_steps)
+    def build(self, no_steps: int | str = 12, cps: int | Sequence[int] = 2, int_downsize: int = 1) -> SVF:
+        """The model: :class:`SVF` (``cps`` unused) or :class:`SVFFD` with ``cps`` voxels between control points;
+        ``no_steps="auto"`` / ``int_downsize > 1`` are fast mode (:mod:`learnsim.fast_integration`)."""
+        if self is TransformationKind.SVFFD:
+            return SVFFD(no_steps, cps, int_downsize)
+        return SVF(no_steps, int_downsize)

@@ -69,6 +69,8 @@ def _parse_overrides(items: list[str]) -> dict:
             if key == "dims":
                 parts = [int(v) for v in value.strip("[]()").split(",")]
                 out[key] = parts[0] if len(parts) == 1 else tuple(parts)
+            elif key == "no_steps" and value.strip().lower() == "auto":
+                out[key] = "auto"
             elif isinstance(default, bool):
                 if value.lower() not in _TRUE + _FALSE:
                     raise ValueError("expected true or false")
