@@ -504,34 +504,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _device(args: argparse.Namespace) -> torch.device | None:
+    """The device to time on, or None (after printing why) when the request cannot run here."""
     if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("bench: --device cuda but CUDA is not available", file=sys.stderr)
-            return 2
-    if args.dtype == "bf16" and device.type != "cuda":
-        print("bench: --dtype bf16 needs CUDA (learnsim's amp autocasts on CUDA only)", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    global CPU_CLOCK
-    clock = "wall"
-    if args.cpu_time and device.type == "cpu":
-        CPU_CLOCK = cpu_time_clock()
-        clock = CPU_CLOCK.__name__
-    bf16 = args.dtype == "bf16"
-    shape = tuple(args.size)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return None
+    return device
+
+
+def _environment(args: argparse.Namespace, device: torch.device, shape: tuple[int, ...], clock: str) -> dict:
     dev_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})"
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     )
-    peak_gbs = device_peak_gbs(device, args.peak_gbs)
-    env = {
+    return {
         "device_name": dev_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -543,70 +531,43 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "clock": "cuda events" if device.type == "cuda" else clock,
     }
-    print(
-        f"# learnsim q_v benchmark: {dev_name}, torch {torch.__version__}, threads {env['threads']}, "
-        f"grid {shape}, {args.iters} iters (+{args.warmup} warm-up), {NO_STEPS} squarings, {args.dtype}, "
-        f"clock {env['clock']}",
-        flush=True,
+
+
+def _bench_case(kind: str, batch: int, shape: tuple[int, ...], device: torch.device, args: argparse.Namespace) -> Record:
+    """One (metric, batch) case: every path timed in ``args.rounds`` interleaved rounds."""
+    bf16 = args.dtype == "bf16"
+    fixed, moving, mask = make_inputs(shape, batch, device)
+    metric = make_metric(kind, device)
+    reg = make_registration(kind, metric, device, amp=bf16)
+    fast_reg = make_registration(kind, metric, device, amp=bf16, transformation=SVF(**FAST_MODE))
+    times: dict[str, list[float]] = {"ls": [], "ref": [], "fast": [], "torch": []}
+    mem: dict[str, float | None] = {"ls": None, "ref": None, "fast": None}
+    for _ in range(max(1, args.rounds)):  # interleaved: drifting background load hits every path alike
+        t, mem["ls"] = time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)
+        times["ls"] += t
+        if args.torch_path:
+            with use_backend("torch"):
+                times["torch"] += time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)[0]
+        if not args.no_fast:
+            t, mem["fast"] = time_learnsim(fast_reg, fixed, moving, mask, args.warmup, args.iters)
+            times["fast"] += t
+        if not args.no_reference:
+            t, mem["ref"] = time_reference(kind, metric, fixed, moving, mask, args.warmup, args.iters, bf16)
+            times["ref"] += t
+    med = {k: (_median(v) if v else None) for k, v in times.items()}
+    return Record(
+        device.type, args.dtype, kind, batch, list(shape), med["ls"], med["ref"],
+        (med["ref"] / med["ls"]) if med["ref"] else None, mem["ls"], mem["ref"], times["ls"], times["ref"],
+        kernels=get_backend(), torch_path_ms=med["torch"], fast_ms=med["fast"],
+        fast_speedup=(med["ref"] / med["fast"]) if (med["ref"] and med["fast"]) else None, fast_peak_gib=mem["fast"],
+        learnsim_min_ms=min(times["ls"]), reference_min_ms=min(times["ref"]) if times["ref"] else None,
+        fast_min_ms=min(times["fast"]) if times["fast"] else None,
     )
 
-    records: list[Record] = []
-    proposals: list[dict] = []
-    for batch in args.batch:
-        fixed, moving, mask = make_inputs(shape, batch, device)
-        for kind in args.cases:
-            metric = make_metric(kind, device)
-            reg = make_registration(kind, metric, device, amp=bf16)
-            fast_reg = make_registration(kind, metric, device, amp=bf16, transformation=SVF(**FAST_MODE))
-            ls_times, ref_times, fast_times, torch_times = [], [], [], []
-            ls_mem = ref_mem = fast_mem = None
-            for _ in range(max(1, args.rounds)):  # interleaved: drifting background load hits every path alike
-                t, ls_mem = time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)
-                ls_times += t
-                if args.torch_path:
-                    with use_backend("torch"):
-                        torch_times += time_learnsim(reg, fixed, moving, mask, args.warmup, args.iters)[0]
-                if not args.no_fast:
-                    t, fast_mem = time_learnsim(fast_reg, fixed, moving, mask, args.warmup, args.iters)
-                    fast_times += t
-                if not args.no_reference:
-                    t, ref_mem = time_reference(kind, metric, fixed, moving, mask, args.warmup, args.iters, bf16)
-                    ref_times += t
-            ls_ms, ref_ms = _median(ls_times), (_median(ref_times) if ref_times else None)
-            fast_ms = _median(fast_times) if fast_times else None
-            rec = Record(
-                device.type,
-                args.dtype,
-                kind,
-                batch,
-                list(shape),
-                ls_ms,
-                ref_ms,
-                (ref_ms / ls_ms) if ref_ms else None,
-                ls_mem,
-                ref_mem,
-                ls_times,
-                ref_times,
-                kernels=get_backend(),
-                torch_path_ms=_median(torch_times) if torch_times else None,
-                fast_ms=fast_ms,
-                fast_speedup=(ref_ms / fast_ms) if (ref_ms and fast_ms) else None,
-                fast_peak_gib=fast_mem,
-                learnsim_min_ms=min(ls_times),
-                reference_min_ms=min(ref_times) if ref_times else None,
-                fast_min_ms=min(fast_times) if fast_times else None,
-            )
-            records.append(rec)
-            print(
-                f"  {kind:8s} B={batch}: learnsim exact {_fmt(ls_ms)} ms (x{_fmt(rec.speedup, '.2f')}), "
-                f"fast {_fmt(fast_ms)} ms (x{_fmt(rec.fast_speedup, '.2f')}), reference {_fmt(ref_ms)} ms"
-                + (f", PyTorch path {_fmt(rec.torch_path_ms)} ms" if rec.torch_path_ms else ""),
-                flush=True,
-            )
 
-    print()
+def _print_records(records: list[Record], device: torch.device) -> None:
     print(
-        "| device | grid | case | batch | reference ms/iter (min/med) | exact ms/iter (min/med) | exact speed-up |"
+        "\n| device | grid | case | batch | reference ms/iter (min/med) | exact ms/iter (min/med) | exact speed-up |"
         " fast ms/iter (min/med) | fast speed-up | PyTorch path ms/iter | peak GiB reference / exact / fast |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -623,53 +584,79 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         print("\n(CPU peak memory: growth of the resident set during the case, sampled; approximate)")
 
+
+def _integration_table(args: argparse.Namespace, shape: tuple[int, ...], device: torch.device, peak_gbs) -> list[dict]:
+    """(c): integration + warp against MONAI's, per batch size."""
+    print(
+        "\n| batch | integrate+warp fwd learnsim ms | MONAI DVF2DDF+Warp fwd ms | fwd+bwd learnsim ms | fwd+bwd MONAI ms |"
+        " integrate_svf ms | GB/s | % of peak | max |diff| |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    integration = []
+    for batch in args.batch:
+        _, moving, _ = make_inputs(shape, batch, device)
+        res = bench_integration(moving, max(1, args.warmup), max(3, args.iters), peak_gbs)
+        res["batch"] = batch
+        integration.append(res)
+        print(
+            f"| {batch} | {_fmt(res['learnsim_fwd_ms'])} | {_fmt(res['monai_fwd_ms'])} | {_fmt(res['learnsim_fwd_bwd_ms'])} | "
+            f"{_fmt(res['monai_fwd_bwd_ms'])} | {_fmt(res['integrate_ms'])} | {_fmt(res['integrate_gbs'])} | "
+            f"{_fmt(res['integrate_pct_peak'])} | {res['max_abs_diff']:.1e} |"
+        )
+    print(
+        f"\n(bandwidth: {squaring_bytes_per_voxel()} B/voxel/squaring, fp32: read field 3 ch + 8 gather taps x 3 ch"
+        f" + write 3 ch, no cache reuse counted; peak {_fmt(peak_gbs, '.0f')} GB/s)"
+    )
+    return integration
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = _device(args)
+    if device is None:
+        return 2
+    if args.dtype == "bf16" and device.type != "cuda":
+        print("bench: --dtype bf16 needs CUDA (learnsim's amp autocasts on CUDA only)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CPU_CLOCK
+    clock = "wall"
+    if args.cpu_time and device.type == "cpu":
+        CPU_CLOCK = cpu_time_clock()
+        clock = CPU_CLOCK.__name__
+    shape = tuple(args.size)
+    env = _environment(args, device, shape, clock)
+    print(
+        f"# learnsim q_v benchmark: {env['device_name']}, torch {torch.__version__}, threads {env['threads']}, "
+        f"grid {shape}, {args.iters} iters (+{args.warmup} warm-up), {NO_STEPS} squarings, {args.dtype}, "
+        f"clock {env['clock']}",
+        flush=True,
+    )
+    records: list[Record] = []
+    for batch in args.batch:
+        for kind in args.cases:
+            rec = _bench_case(kind, batch, shape, device, args)
+            records.append(rec)
+            print(
+                f"  {kind:8s} B={batch}: learnsim exact {_fmt(rec.learnsim_ms)} ms (x{_fmt(rec.speedup, '.2f')}), "
+                f"fast {_fmt(rec.fast_ms)} ms (x{_fmt(rec.fast_speedup, '.2f')}), reference {_fmt(rec.reference_ms)} ms"
+                + (f", PyTorch path {_fmt(rec.torch_path_ms)} ms" if rec.torch_path_ms else ""),
+                flush=True,
+            )
+    _print_records(records, device)
     if args.proposals:
         print("\n(--proposals: every hot-path proposal has been adopted; nothing left to time)")
-
-    integration: list[dict] = []
-    if not args.no_integration:
-        print(
-            "\n| batch | integrate+warp fwd learnsim ms | MONAI DVF2DDF+Warp fwd ms | fwd+bwd learnsim ms | fwd+bwd MONAI ms |"
-            " integrate_svf ms | GB/s | % of peak | max |diff| |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for batch in args.batch:
-            _, moving, _ = make_inputs(shape, batch, device)
-            res = bench_integration(moving, max(1, args.warmup), max(3, args.iters), peak_gbs)
-            res["batch"] = batch
-            integration.append(res)
-            print(
-                f"| {batch} | {_fmt(res['learnsim_fwd_ms'])} | {_fmt(res['monai_fwd_ms'])} | {_fmt(res['learnsim_fwd_bwd_ms'])} | "
-                f"{_fmt(res['monai_fwd_bwd_ms'])} | {_fmt(res['integrate_ms'])} | {_fmt(res['integrate_gbs'])} | "
-                f"{_fmt(res['integrate_pct_peak'])} | {res['max_abs_diff']:.1e} |"
-            )
-        print(
-            f"\n(bandwidth: {squaring_bytes_per_voxel()} B/voxel/squaring, fp32: read field 3 ch + 8 gather taps x 3 ch"
-            f" + write 3 ch, no cache reuse counted; peak {_fmt(peak_gbs, '.0f')} GB/s)"
-        )
-
+    peak_gbs = device_peak_gbs(device, args.peak_gbs)
+    integration = [] if args.no_integration else _integration_table(args, shape, device, peak_gbs)
     _, moving1, _ = make_inputs(shape, 1, device)
-    fixed1 = make_inputs(shape, 1, device)[0]
-    vxm = bench_voxelmorph(fixed1, moving1, max(1, args.warmup), max(3, args.iters))
-    print(
-        f"\nVoxelMorph inference per pair: {_fmt(vxm.get('ms_per_pair'))} ms"
-        if vxm["status"] == "ok"
-        else f"\nVoxelMorph inference per pair: {vxm['status']}"
-    )
-
+    vxm = bench_voxelmorph(make_inputs(shape, 1, device)[0], moving1, max(1, args.warmup), max(3, args.iters))
+    print(f"\nVoxelMorph inference per pair: {_fmt(vxm.get('ms_per_pair'))} ms" if vxm["status"] == "ok"
+          else f"\nVoxelMorph inference per pair: {vxm['status']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "env": env,
-                    "q_v": [asdict(r) for r in records],
-                    "proposals": proposals,
-                    "integration": integration,
-                    "voxelmorph": vxm,
-                },
-                f,
-                indent=1,
-            )
+            json.dump({"env": env, "q_v": [asdict(r) for r in records], "proposals": [], "integration": integration,
+                       "voxelmorph": vxm}, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

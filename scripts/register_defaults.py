@@ -78,9 +78,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for n in names:
         rs = [r for r in out if r["setting"] == n]
-        m = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        print(f"| {n} | {args.metric} | {m('dsc_before'):.3f} | {m('dsc_after'):.3f} | {m('gain_points'):+.1f} | "
-              f"{sum(r['folding'] for r in rs)} | {m('seconds'):.1f} |")
+        m = {k: float(np.mean([r[k] for r in rs])) for k in ("dsc_before", "dsc_after", "gain_points", "seconds")}
+        print(f"| {n} | {args.metric} | {m['dsc_before']:.3f} | {m['dsc_after']:.3f} | {m['gain_points']:+.1f} | "
+              f"{sum(r['folding'] for r in rs)} | {m['seconds']:.1f} |")
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(out[0]))

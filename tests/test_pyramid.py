@@ -50,7 +50,7 @@ def test_constant_velocity_is_the_same_translation_in_mm(fine):
     integrates to ``c * s`` fine voxels: the same translation in mm (coarse spacing ``s`` fine voxels, ``s = n / m``,
     here 2 and, for the odd axis 15 -> 8, 1.875)."""
     coarse = coarse_shape(fine)
-    s = torch.tensor([f / c for f, c in zip(fine, coarse)]).view(1, 3, 1, 1, 1)
+    s = torch.tensor([f / c for f, c in zip(fine, coarse, strict=False)]).view(1, 3, 1, 1, 1)
     c = torch.tensor([0.7, -0.4, 1.1]).view(1, 3, 1, 1, 1)
     loc = c.expand(1, 3, *coarse).clone()
     q = LowRankParams(loc, torch.zeros_like(loc), torch.zeros(1, 1, 3, *coarse))
@@ -141,10 +141,10 @@ def test_levels_1_equals_todays_single_level_fit():
     for _ in range(6):
         loss = reg.loss(LowRankParams(*leaves), feat, moving, mask, False, gen)
         grads = torch.autograd.grad(loss.sum(), leaves)
-        for leaf, gr in zip(leaves, grads):
+        for leaf, gr in zip(leaves, grads, strict=False):
             leaf.grad = gr.contiguous()
         opt.step()
-    for x, y, z in zip(a.params.tensors(), b.params.tensors(), leaves):
+    for x, y, z in zip(a.params.tensors(), b.params.tensors(), leaves, strict=False):
         assert torch.equal(x, y)
         assert torch.equal(x, z.detach())
     assert torch.equal(a.loss, b.loss)

@@ -20,45 +20,62 @@ from numba import njit, prange
 __all__ = ["box_adjoint_axis", "lcc_energy_terms"]
 
 
+@njit(cache=True)
+def _spread_row(src, dst, r):
+    """Adjoint of a replicate-padded box sum along one contiguous row: ``dst[clamp(x + k)] += src[x]``."""
+    nw = src.shape[0]
+    for x in range(nw):
+        dst[x] = 0.0
+    for x in range(nw):
+        v = src[x]
+        for k in range(-r, r + 1):
+            dst[min(max(x + k, 0), nw - 1)] += v
+
+
+@njit(cache=True)
+def _add_row(dst, src):
+    for x in range(dst.shape[0]):
+        dst[x] += src[x]
+
+
 @njit(parallel=True, cache=True)
-def box_adjoint_axis(src, dst, r, axis):
+def _box_adjoint_d(src, dst, r):
+    """:func:`box_adjoint_axis` along D: lines along D, parallel over ``(n, y)``."""
+    nn_, nd, nh, _nw = src.shape
+    for ny in prange(nn_ * nh):
+        n = ny // nh
+        y = ny % nh
+        for z in range(nd):
+            dst[n, z, y, :] = 0.0
+        for z in range(nd):
+            for k in range(-r, r + 1):
+                _add_row(dst[n, min(max(z + k, 0), nd - 1), y], src[n, z, y])
+
+
+@njit(parallel=True, cache=True)
+def _box_adjoint_hw(src, dst, r, axis):
+    """:func:`box_adjoint_axis` along H (``axis`` 1) or W (2): parallel over ``(n, z)`` slabs."""
+    nn_, nd, nh, _nw = src.shape
+    for nz in prange(nn_ * nd):
+        n = nz // nd
+        z = nz % nd
+        if axis == 2:
+            for y in range(nh):
+                _spread_row(src[n, z, y], dst[n, z, y], r)
+            continue
+        dst[n, z, :, :] = 0.0
+        for y in range(nh):
+            for k in range(-r, r + 1):
+                _add_row(dst[n, z, min(max(y + k, 0), nh - 1)], src[n, z, y])
+
+
+def box_adjoint_axis(src, dst, r: int, axis: int) -> None:
     """Adjoint of the replicate-padded box sum along ``axis`` (0: D, 1: H, 2: W) of ``[N, D, H, W]``:
     ``dst[clamp(x + k)] += src[x]`` for ``|k| <= r`` (``dst`` overwritten)."""
-    nn_, nd, nh, nw = src.shape
     if axis == 0:
-        # lines along D: parallel over (n, y)
-        for ny in prange(nn_ * nh):
-            n = ny // nh
-            y = ny % nh
-            for z in range(nd):
-                for x in range(nw):
-                    dst[n, z, y, x] = 0.0
-            for z in range(nd):
-                for k in range(-r, r + 1):
-                    zz = min(max(z + k, 0), nd - 1)
-                    for x in range(nw):
-                        dst[n, zz, y, x] += src[n, z, y, x]
+        _box_adjoint_d(src, dst, r)
     else:
-        for nz in prange(nn_ * nd):
-            n = nz // nd
-            z = nz % nd
-            if axis == 1:
-                for y in range(nh):
-                    for x in range(nw):
-                        dst[n, z, y, x] = 0.0
-                for y in range(nh):
-                    for k in range(-r, r + 1):
-                        yy = min(max(y + k, 0), nh - 1)
-                        for x in range(nw):
-                            dst[n, z, yy, x] += src[n, z, y, x]
-            else:
-                for y in range(nh):
-                    for x in range(nw):
-                        dst[n, z, y, x] = 0.0
-                    for x in range(nw):
-                        v = src[n, z, y, x]
-                        for k in range(-r, r + 1):
-                            dst[n, z, y, min(max(x + k, 0), nw - 1)] += v
+        _box_adjoint_hw(src, dst, r, axis)
 
 
 @njit(parallel=True, cache=True)

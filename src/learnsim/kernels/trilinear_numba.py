@@ -305,6 +305,38 @@ def warp_backward(image, u, g, grad_u, bufs, need_image, cz, cy, cx, unit):
                             _scatter(r, gc, w, o00, o01, o10, o11, x0, x1)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _filter_row_w(row, d, weights):
+    """``d = row`` filtered along its own (W) axis, replicate padding: clamped taps only at the two borders."""
+    nw, k = row.shape[0], weights.shape[0]
+    r = k // 2
+    for x in range(nw):
+        if r <= x < nw - r:
+            x = nw - r  # the interior is done below, in one clamp-free (vectorised) loop
+        if x >= nw:
+            break
+        acc = weights[0] - weights[0]  # a zero of the weights' dtype
+        for j in range(k):
+            acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
+        d[x] = acc
+    for x in range(r, nw - r):
+        acc = weights[0] * row[x - r]
+        for j in range(1, k):
+            acc += weights[j] * row[x + j - r]
+        d[x] = acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _accumulate_row(d, row, w, first):
+    """``d = w * row`` (``first``) or ``d += w * row``, along a contiguous row."""
+    if first:
+        for x in range(d.shape[0]):
+            d[x] = w * row[x]
+    else:
+        for x in range(d.shape[0]):
+            d[x] += w * row[x]
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def smooth_axis(src, dst, weights, axis):
     """``dst = src`` filtered along ``axis`` (0: D, 1: H, 2: W) of ``[N, D, H, W]`` with the odd-length 1D
@@ -313,44 +345,49 @@ def smooth_axis(src, dst, weights, axis):
     Every inner loop runs along a contiguous W row (row views, indices from ``range``), so that LLVM vectorises it:
     along D and H a row of ``dst`` accumulates whole source rows; along W the interior of a row has no clamping.
     """
-    nn_, nd, nh, nw = src.shape
+    nn_, nd, nh, _nw = src.shape
     k = weights.shape[0]
     r = k // 2
     for nz in prange(nn_ * nd):
         n = nz // nd
         z = nz % nd
         for y in range(nh):
-            d = dst[n, z, y]
             if axis == 2:
-                row = src[n, z, y]
-                for x in range(min(r, nw)):  # left border: clamped taps
-                    acc = weights[0] - weights[0]  # a zero of the weights' dtype
-                    for j in range(k):
-                        acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
-                    d[x] = acc
-                for x in range(r, nw - r):  # interior: no clamping
-                    acc = weights[0] * row[x - r]
-                    for j in range(1, k):
-                        acc += weights[j] * row[x + j - r]
-                    d[x] = acc
-                for x in range(max(nw - r, r), nw):  # right border
-                    acc = weights[0] - weights[0]  # a zero of the weights' dtype
-                    for j in range(k):
-                        acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
-                    d[x] = acc
-            else:
-                for j in range(k):
-                    if axis == 0:
-                        row = src[n, min(max(z + j - r, 0), nd - 1), y]
-                    else:
-                        row = src[n, z, min(max(y + j - r, 0), nh - 1)]
-                    w = weights[j]
-                    if j == 0:
-                        for x in range(nw):
-                            d[x] = w * row[x]
-                    else:
-                        for x in range(nw):
-                            d[x] += w * row[x]
+                _filter_row_w(src[n, z, y], dst[n, z, y], weights)
+                continue
+            for j in range(k):
+                zz, yy = (min(max(z + j - r, 0), nd - 1), y) if axis == 0 else (z, min(max(y + j - r, 0), nh - 1))
+                _accumulate_row(dst[n, z, y], src[n, zz, yy], weights[j], j == 0)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _l2_row(here, other, out, forward):
+    """One neighbour's term of the L2 regulariser along a W row: for a forward neighbour ``d = other - here``
+    adds ``d^2`` to the returned energy and ``-d`` to ``out``; for a backward one adds ``here - other``."""
+    e = 0.0
+    if forward:
+        for x in range(here.shape[0]):
+            d = other[x] - here[x]
+            e += d * d
+            out[x] -= d
+    else:
+        for x in range(here.shape[0]):
+            out[x] += here[x] - other[x]
+    return e
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _l2_row_w(here, out):
+    """The W-axis terms of the L2 regulariser within one row (forward, then backward differences)."""
+    e = 0.0
+    nw = here.shape[0]
+    for x in range(nw - 1):
+        d = here[x + 1] - here[x]
+        e += d * d
+        out[x] -= d
+    for x in range(1, nw):
+        out[x] += here[x] - here[x - 1]
+    return e
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -369,37 +406,20 @@ def l2_gradient(v, w_reg, grad, row_energy):
         e = 0.0
         for c in range(nc):
             a = v[b, c]
-            g = grad[b, c, z]
             for y in range(nh):
                 here = a[z, y]
-                out = g[y]
+                out = grad[b, c, z, y]
                 for x in range(nw):
                     out[x] = here[x] - here[x]  # zero (NaN where v is: as the plain sums)
-                for nb_axis in range(4):  # +D, -D, +H, -H neighbours (skipped on the grid's faces)
-                    if nb_axis == 0 and z + 1 < nd:
-                        other = a[z + 1, y]
-                    elif nb_axis == 1 and z > 0:
-                        other = a[z - 1, y]
-                    elif nb_axis == 2 and y + 1 < nh:
-                        other = a[z, y + 1]
-                    elif nb_axis == 3 and y > 0:
-                        other = a[z, y - 1]
-                    else:
-                        continue
-                    if nb_axis % 2 == 0:  # forward difference: its energy and its gradient
-                        for x in range(nw):
-                            d = other[x] - here[x]
-                            e += d * d
-                            out[x] -= d
-                    else:
-                        for x in range(nw):
-                            out[x] += here[x] - other[x]
-                for x in range(nw - 1):
-                    d = here[x + 1] - here[x]
-                    e += d * d
-                    out[x] -= d
-                for x in range(1, nw):
-                    out[x] += here[x] - here[x - 1]
+                if z + 1 < nd:
+                    e += _l2_row(here, a[z + 1, y], out, True)
+                if z > 0:
+                    _l2_row(here, a[z - 1, y], out, False)
+                if y + 1 < nh:
+                    e += _l2_row(here, a[z, y + 1], out, True)
+                if y > 0:
+                    _l2_row(here, a[z, y - 1], out, False)
+                e += _l2_row_w(here, out)
                 for x in range(nw):
                     out[x] *= w_reg
         row_energy[bz] = 0.5 * w_reg * e
