@@ -28,6 +28,8 @@ against 24 squarings and 2 warps).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -249,22 +251,9 @@ def reference_q_v_terms(
     return {"data": data, "reg": reg, "entropy": reference_entropy(log_var, u)}
 
 
-def reference_q_v_loss(
-    fixed: Tensor,
-    moving: Tensor,
-    mask: Tensor | None,
-    mu: Tensor,
-    log_var: Tensor,
-    u: Tensor,
-    eps: Tensor,
-    xi: Tensor,
-    metric: SimilarityMetric,
-    w_reg: float,
-    no_steps: int,
-    sobolev_kernel: Tensor | None,
-    noise: Tensor | None = None,
-) -> Tensor:
-    """One q_v iteration's loss per pair, ``[B]``: ``mean_pair[data + reg] - entropy``.
+def reference_q_v_loss(*args: Any, **kwargs: Any) -> Tensor:
+    """One q_v iteration's loss per pair, ``[B]``: ``mean_pair[data + reg] - entropy``; the arguments of
+    :func:`reference_q_v_terms`.
 
     Args:
         fixed: ``[1 or B, 1, D, H, W]`` fixed image in [0, 1].
@@ -284,7 +273,5 @@ def reference_q_v_loss(
     Returns:
         ``[B]``.
     """
-    t = reference_q_v_terms(
-        fixed, moving, mask, mu, log_var, u, eps, xi, metric, w_reg, no_steps, sobolev_kernel, noise
-    )
+    t = reference_q_v_terms(*args, **kwargs)
     return t["data"] + t["reg"] - t["entropy"]

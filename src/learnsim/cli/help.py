@@ -9,7 +9,8 @@ code. Hydra's page stays available as ``--hydra-help``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -148,3 +149,16 @@ def render_help(
 def _clip(text: str, n: int) -> str:
     text = re.sub(r"\s+", " ", text)
     return text if len(text) <= n else text[: max(n - 3, 0)] + "..."
+
+
+def cli_entry(hydra_main: Callable[[], None], help_text: Callable[[], str]) -> Callable[[], None]:
+    """A Hydra CLI's console-script entry point: ``--help`` prints learnsim's page (experiments, groups, keys),
+    anything else goes to Hydra."""
+
+    def main() -> None:
+        if wants_help(sys.argv[1:]):
+            print(help_text(), end="")
+            return
+        hydra_main()
+
+    return main

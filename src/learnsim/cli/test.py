@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from learnsim.api import resolve_device
 from learnsim.checkpoint import ModuleKind, checkpoint_module, load_checkpoint
 from learnsim.cli.config import config_dir, run_guarded, to_container
-from learnsim.cli.help import render_help, wants_help
+from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.evaluation.run import evaluate as run_evaluation
 from learnsim.metric import SimilarityMetric
@@ -190,11 +189,7 @@ def help_text() -> str:
     )
 
 
-def main() -> None:
-    if wants_help(sys.argv[1:]):
-        print(help_text(), end="")
-        return
-    _main()
+main = cli_entry(_main, help_text)  # the console script's entry point
 
 
 if __name__ == "__main__":

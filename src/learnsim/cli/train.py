@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 import lightning.pytorch as pl
@@ -11,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from learnsim.cli.config import config_dir, run_guarded, to_container
-from learnsim.cli.help import render_help, wants_help
+from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 
 log = logging.getLogger("learnsim.train")
@@ -79,11 +78,7 @@ def help_text() -> str:
     )
 
 
-def main() -> None:
-    if wants_help(sys.argv[1:]):
-        print(help_text(), end="")
-        return
-    _main()
+main = cli_entry(_main, help_text)  # the console script's entry point
 
 
 if __name__ == "__main__":

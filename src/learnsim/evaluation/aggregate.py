@@ -142,7 +142,15 @@ def dice_entries(
     return out
 
 
-class MeanDSC(PairMean):
+class LabelPairMean(PairMean):
+    """A :class:`PairMean` over the structures ``labels`` (``None``: the non-zero labels of each fixed segmentation)."""
+
+    def __init__(self, labels: Sequence[int] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.labels = None if labels is None else [int(v) for v in labels]
+
+
+class MeanDSC(LabelPairMean):
     """Mean DSC over pair x structure entries (see :func:`dice_entries`), pooled across ranks.
 
     Args:
@@ -150,10 +158,6 @@ class MeanDSC(PairMean):
     """
 
     higher_is_better = True
-
-    def __init__(self, labels: Sequence[int] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.labels = None if labels is None else [int(v) for v in labels]
 
     def update(
         self,
@@ -169,17 +173,13 @@ class MeanDSC(PairMean):
         self.add_rows(index, torch.where(ok, d, torch.zeros_like(d)).sum(1), ok.sum(1))
 
 
-class MeanASD(PairMean):
+class MeanASD(LabelPairMean):
     """Mean symmetric average surface distance (mm) over pair x structure entries, pooled across ranks.
 
     Computed on the CPU by :func:`~learnsim.evaluation.metrics.structure_metrics` (MONAI), HD95 skipped.
     """
 
     higher_is_better = False
-
-    def __init__(self, labels: Sequence[int] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.labels = None if labels is None else [int(v) for v in labels]
 
     def update(
         self,

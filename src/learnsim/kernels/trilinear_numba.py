@@ -376,20 +376,6 @@ def _l2_row(here, other, out, forward):
     return e
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _l2_row_w(here, out):
-    """The W-axis terms of the L2 regulariser within one row (forward, then backward differences)."""
-    e = 0.0
-    nw = here.shape[0]
-    for x in range(nw - 1):
-        d = here[x + 1] - here[x]
-        e += d * d
-        out[x] -= d
-    for x in range(1, nw):
-        out[x] += here[x] - here[x - 1]
-    return e
-
-
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def l2_gradient(v, w_reg, grad, row_energy):
     """``0.5 w_reg sum`` of squared forward differences of ``v`` ``[B, C, D, H, W]`` along D, H, W, and its gradient.
@@ -419,7 +405,9 @@ def l2_gradient(v, w_reg, grad, row_energy):
                     e += _l2_row(here, a[z, y + 1], out, True)
                 if y > 0:
                     _l2_row(here, a[z, y - 1], out, False)
-                e += _l2_row_w(here, out)
+                # along W, within the row: the same two terms on shifted views
+                e += _l2_row(here[:-1], here[1:], out[:-1], True)
+                _l2_row(here[1:], here[:-1], out[1:], False)
                 for x in range(nw):
                     out[x] *= w_reg
         row_energy[bz] = 0.5 * w_reg * e
