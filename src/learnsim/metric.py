@@ -6,6 +6,13 @@ baselines (``learnable=False``) and a 3D convolutional encoder plus a 1x1 aggreg
 
 The metric is split into :meth:`SimilarityMetric.features` and :meth:`SimilarityMetric.energy_from_features` so
 that the registration loop computes the fixed image's features once (the metric is frozen while q_v is fitted).
+
+Normalised features (``normalise=True``, the bounded objective of :mod:`learnsim.module`): the energy compares
+``c a(.)`` with ``c = rms_mask(F) / rms_mask(a(F))``, the RMS of the atlas' features inside its mask brought back to
+the atlas' own. ``c a(F)`` then has the RMS of ``F`` whatever the weights, so a rescaling ``a -> k a`` changes no
+energy, and at the Dirac initialisation (``a(F) = F``) ``c = 1``: the energy is the baseline's. ``c`` is a buffer
+(:meth:`SimilarityMetric.calibrate_`, saved in checkpoints) set on the training atlas each time the weights change;
+the training module differentiates through it (:meth:`SimilarityMetric.atlas_scale`).
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from learnsim.energies import LCC, SSD, EnergyKind
+from learnsim.energies import LCC, SSD, EnergyKind, lcc_terms
 
-__all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNLCC", "build_metric"]
+__all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNLCC", "build_metric", "masked_rms"]
 
 
 class FeatureEncoder(nn.Module):
@@ -83,6 +90,9 @@ class SimilarityMetric(nn.Module):
             (the original ``data_loss``).
         learnable: False gives the plain baseline (``a`` is the identity; nothing to learn).
         no_features, negative_slope, init_noise: see :class:`FeatureEncoder` (the original ``model.args``).
+        normalise: scale the features by ``c = rms_mask(F) / rms_mask(a(F))`` on the atlas (module docstring):
+            energies invariant to the features' scale, equal to the baseline's at the Dirac initialisation. False
+            (the original): ``a`` as is, whose scale the contrastive objective can grow without bound.
     """
 
     def __init__(
@@ -92,6 +102,7 @@ class SimilarityMetric(nn.Module):
         no_features: Sequence[int] = (4, 8, 8),
         negative_slope: float = 0.2,
         init_noise: float = 1e-7,
+        normalise: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(energy, (SSD, LCC)):
@@ -99,6 +110,10 @@ class SimilarityMetric(nn.Module):
         self.energy = energy
         self.learnable = bool(learnable)
         self.encoder = FeatureEncoder(no_features, negative_slope, init_noise=init_noise) if learnable else None
+        self.normalise = bool(normalise) and self.encoder is not None
+        if self.normalise:
+            # c of the module docstring: a scalar set on the atlas by calibrate_ (1 at the Dirac initialisation)
+            self.register_buffer("feature_scale", torch.ones(()))
         # enough to rebuild the metric from a checkpoint without Hydra (see SimilarityMetric.from_checkpoint)
         self.spec: dict = {
             "kind": ("cnn_" if self.learnable else "") + ("lcc" if isinstance(energy, LCC) else "ssd"),
@@ -106,6 +121,8 @@ class SimilarityMetric(nn.Module):
             "no_features": [int(c) for c in no_features],
             "negative_slope": float(negative_slope),
         }
+        if self.normalise:
+            self.spec["normalise"] = True
         if energy.weight != 1.0:
             self.spec["weight"] = energy.weight
         if isinstance(energy, LCC):
@@ -151,9 +168,36 @@ class SimilarityMetric(nn.Module):
             raise ValueError(f"{path}: metric weights do not match its spec (missing {missing}, unexpected {unexpected})")
         return metric.eval()
 
-    def features(self, image: Tensor) -> Tensor:
-        """``a(image)``: ``[B, 1, D, H, W] -> [B, 1, D, H, W]``."""
+    def raw_features(self, image: Tensor) -> Tensor:
+        """``a(image)`` before normalisation: ``[B, 1, D, H, W] -> [B, 1, D, H, W]`` (the image for a baseline)."""
         return image if self.encoder is None else self.encoder(image)
+
+    def features(self, image: Tensor) -> Tensor:
+        """The features the energy compares, ``c a(image)`` (``c`` = :attr:`feature_scale`, 1 unless normalised):
+        ``[B, 1, D, H, W] -> [B, 1, D, H, W]``."""
+        feats = self.raw_features(image)
+        return feats * self.feature_scale.to(feats.dtype) if self.normalise else feats
+
+    def atlas_scale(self, fixed: Tensor, mask: Tensor | None = None, raw_fixed: Tensor | None = None) -> Tensor:
+        """``c = rms_mask(F) / rms_mask(a(F))``, a scalar tensor differentiable in the weights (1 if not normalised).
+
+        Args:
+            fixed: the atlas ``[1, 1, D, H, W]`` in [0, 1].
+            mask: its mask ``[1, 1, D, H, W]`` (0/1 or soft weights) or None (all voxels).
+            raw_fixed: ``a(F)`` if already computed (``[1, 1, D, H, W]``).
+        """
+        if not self.normalise:
+            return torch.ones((), device=fixed.device)
+        raw = self.raw_features(fixed) if raw_fixed is None else raw_fixed
+        return masked_rms(fixed, mask) / masked_rms(raw, mask).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def calibrate_(self, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Set :attr:`feature_scale` to :meth:`atlas_scale` on the atlas (call after the weights change); returns it."""
+        c = self.atlas_scale(fixed, mask)
+        if self.normalise:
+            self.feature_scale.copy_(c)
+        return c
 
     def energy_from_features(self, feat_fixed: Tensor, feat_warped: Tensor, mask: Tensor | None = None) -> Tensor:
         """Energy ``[B]`` between precomputed feature maps."""
@@ -162,18 +206,40 @@ class SimilarityMetric(nn.Module):
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.energy_from_features(self.features(fixed), self.features(warped), mask)
 
+    @torch.no_grad()
+    def energy_map(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The energy voxel by voxel, ``[B, 1, D, H, W]``: its sum over voxels is :meth:`forward` (for figures)."""
+        ff, fw = self.features(fixed), self.features(warped)
+        if isinstance(self.energy, LCC):
+            window = self.energy.window.clamp_min(1e-3) if self.energy.learnable_window else None
+            e = -lcc_terms(ff, fw, self.energy.radius, window)
+        else:
+            e = 0.5 * (ff - fw) ** 2
+        e = self.energy.weight * e
+        return e if mask is None else e * mask
+
+
+def masked_rms(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Root mean square of ``x`` ``[B, C, D, H, W]`` over all its elements inside ``mask`` (weights, broadcast
+    over ``B, C``; None: everywhere): a scalar tensor, in ``x``'s units."""
+    if mask is None:
+        return x.pow(2).mean().sqrt()
+    m = mask.to(x.dtype).expand_as(x)
+    return ((x.pow(2) * m).sum() / m.sum().clamp_min(1e-12)).sqrt()
+
 
 def CNNSSD(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
-           init_noise: float = 1e-7, weight: float = 1.0) -> SimilarityMetric:
-    """CNN_SSD: ``0.5 * weight * sum_mask (a(F) - a(M o phi))^2``."""
-    return SimilarityMetric(SSD(weight), learnable, no_features, negative_slope, init_noise)
+           init_noise: float = 1e-7, weight: float = 1.0, normalise: bool = False) -> SimilarityMetric:
+    """CNN_SSD: ``0.5 * weight * sum_mask (a(F) - a(M o phi))^2`` (``c a`` for ``a`` when ``normalise``)."""
+    return SimilarityMetric(SSD(weight), learnable, no_features, negative_slope, init_noise, normalise)
 
 
 def CNNLCC(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
-           init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False, weight: float = 1.0) -> SimilarityMetric:
+           init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False, weight: float = 1.0,
+           normalise: bool = False) -> SimilarityMetric:
     """CNN_LCC: LCC between the feature maps, window ``(2 radius + 1)^3`` (optionally learnt)."""
     return SimilarityMetric(LCC(radius, learnable_window and learnable, weight), learnable, no_features, negative_slope,
-                            init_noise)
+                            init_noise, normalise)
 
 
 def build_metric(kind: str, **kwargs) -> SimilarityMetric:

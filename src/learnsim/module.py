@@ -5,7 +5,8 @@ Three optimisers: ``q_f`` (image distribution) and ``q_phi`` (metric weights) ar
 ``registration`` config group's ``optimizer``), so its Adam state never reaches a checkpoint. Each training step
 
 1. loads the batch's q_v from the per-pair state store (warm start across epochs; fresh on the first epoch),
-2. fits q_v for ``no_iters_q_v`` Adam steps with the metric frozen (:class:`~learnsim.registration.VariationalRegistration`),
+2. fits q_v with the metric frozen (:class:`~learnsim.registration.VariationalRegistration`): coarse-to-fine on
+   the first epoch, ``no_iters_warm`` steps from the stored state after it (see "Training budget" below),
 3. stores q_v back (asynchronously), and
 4. takes one step of q_phi and q_f on the contrastive objective below.
 
@@ -37,6 +38,46 @@ How q_f is trained (``q_f_objective``):
 * ``"bound"``: q_f tightens the Jensen bound, i.e. maximises ``E_{q_f}[-E_phi(F')] + H(q_f)``: it minimises
   ``E_{q_f}[E_phi(F', Mw)] - H(q_f)``, moving q_f towards the Gibbs distribution ``exp(-E_phi) / Z`` (the bound
   is tight when ``q_f`` equals it). This is the variationally consistent choice.
+
+Why ``L_phi`` is unbounded, and the bounded objective (``metric.normalise``)
+-------------------------------------------------------------------------------
+Rescale the features, ``a -> k a``. Every SSD energy is quadratic in ``a``, so ``E -> k^2 E`` and
+``L_phi -> k^2 L_phi``: once q_v has fitted, the atlas is closer to ``Mw`` than q_f's samples are (``L_phi < 0``)
+and ``L_phi`` decreases without bound as ``k`` grows. Nothing in the surrogate resists: the exact objective keeps
+``-log Z(phi)``, which for a linear ``a = A`` is ``log |det A| + const = n log k + ...`` (``n`` voxels) and grows
+as fast as the energies fall, but the Jensen bound replaces ``log Z`` by ``-E_{q_f}[E_phi(F')] + H(q_f)``, which
+has no such term. Gradient steps on ``phi`` therefore inflate the metric's scale (LCC is invariant to the scale up
+to its ``1e-5``, so this is SSD's failure), which acts as an ever larger likelihood precision for q_v.
+
+``metric.normalise: true`` fixes the scale by construction: the energy compares ``c a(.)`` with
+
+    c(phi) = rms_mask(F) / rms_mask(a_phi(F)),
+
+the RMS of the atlas' features inside its mask brought back to the atlas' own RMS (:mod:`learnsim.metric`).
+
+* Scale invariance: ``a -> k a`` gives ``c -> c / k``; ``c a`` and every energy are unchanged, so ``L_phi`` has no
+  descent direction along the scale. ``c`` is differentiated in the q_phi step (it depends on ``phi`` through
+  ``a(F)``) and frozen, as a buffer set on the atlas, while q_v is fitted.
+* Anchor kept: at the Dirac initialisation ``a(F) = F`` on [0, 1] images, so ``c = 1`` and the energy and its
+  gradient in ``v`` are exactly SSD's / LCC's.
+* Bounded: for a linear ``a = h *`` (a filter) and q_f's zero-mean perturbation ``n = F' - F`` independent of
+  the residual ``r = F - Mw``, ``E_{q_f}[E(F', Mw)] = E(F, Mw) + 0.5 w c^2 E||h * n||^2``, hence
+  ``E_{q_f}[L_phi] = -0.5 w ||F||^2 E||h * n||^2 / ||h * F||^2 >= -0.5 w ||F||^2 max_omega S_n / S_F`` (power
+  spectra of ``n`` and ``F``; norms inside the mask): finite, and attained by the filter that passes the
+  frequencies where q_f's samples differ from the atlas most relative to the atlas itself. The nonlinear
+  encoder has no such closed form, but the direction that made the original diverge is gone.
+
+``metric.normalise: false`` (default; the paper experiments ``+experiment=ssd|lcc``) keeps the original objective
+for comparison. The module logs the scale each step and epoch: ``metric/feature_scale`` (``c``),
+``metric/raw_feature_rms`` (``rms_mask(a(F))``, the scale the original lets grow), ``metric/energy_ratio`` (the
+learnt energy of ``(F, Mw)`` over the baseline's) and the aggregation weights.
+
+Training budget
+---------------
+The first fit of a pair (epoch 0: no stored q_v) runs the coarse-to-fine schedule
+(:meth:`~learnsim.registration.VariationalRegistration.fit_levels`, ``q_v.levels`` > 1); later epochs start from
+the stored q_v at full resolution and run ``no_iters_warm`` steps (``q_v.no_iters_warm``; None: ``no_iters``,
+the paper's). Validation pairs use the test's schedule (fresh q_v, coarse-to-fine when ``levels`` > 1).
 """
 
 from __future__ import annotations
@@ -56,7 +97,7 @@ from learnsim.checkpoint import MODULE_KEY, ModuleKind
 from learnsim.distributed import average_gradients
 from learnsim.distributions import QF
 from learnsim.grid import as_dims
-from learnsim.metric import SimilarityMetric
+from learnsim.metric import SimilarityMetric, masked_rms
 from learnsim.registration import VariationalRegistration
 from learnsim.spatial import warp_labels
 from learnsim.state import QVStateStore
@@ -98,7 +139,10 @@ class LearnSimModule(pl.LightningModule):
         state_dir: folder of the per-pair q_v states (default: ``<trainer.default_root_dir>/q_v_state``).
         state_dtype: storage dtype of the q_v states (``float16``).
         log_period: q_v iterations between logged losses (and progress-bar postfix updates).
-        no_iters_val: q_v iterations for validation pairs (fresh q_v, frozen metric).
+        no_iters_val: q_v iterations for validation pairs (fresh q_v, frozen metric) when ``levels`` is 1; with
+            ``levels`` > 1 validation runs the coarse-to-fine schedule, as the test does.
+        no_iters_warm: q_v iterations of a batch whose q_v is warm-started from the state store (after epoch 0);
+            None: the registration's ``no_iters`` (the paper's schedule).
         seed: random draws (q_v samples, coordinate noise) come from one generator per pair seeded by
             ``(seed, epoch, pair index)``, and q_f's from ``(seed, epoch, batch index)``: a run is reproducible and
             does not depend on the batch size or the number of DDP processes.
@@ -118,6 +162,7 @@ class LearnSimModule(pl.LightningModule):
         no_iters_val: int | None = None,
         structures: list[int] | None = None,
         seed: int = 0,
+        no_iters_warm: int | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -137,6 +182,9 @@ class LearnSimModule(pl.LightningModule):
         self.q_f_objective = QFObjective(objective)
         self.q_f = QF(torch.zeros(1, 1, *self.dims), **q_f)
         self.no_iters_q_v = registration.no_iters
+        self.no_iters_warm = int(no_iters_warm) if no_iters_warm is not None else self.no_iters_q_v
+        if self.no_iters_warm < 1:
+            raise ValueError(f"q_v.no_iters_warm must be an integer >= 1 or null; got {no_iters_warm}")
         self._opt_factories = (optimizer_q_f or _adam(1e-3), optimizer_q_phi or _adam(1e-5))
         self.state_dir = state_dir
         self.state_dtype = state_dtype
@@ -235,14 +283,16 @@ class LearnSimModule(pl.LightningModule):
             raise ValueError(f"batch grid {tuple(moving.shape[2:])} != model dims {self.dims}")
         if not self._atlas_set:
             self.set_atlas(fixed)
+        self.metric.calibrate_(fixed, mask)  # c on this atlas for the current weights (a no-op unless normalised)
         indices = [int(i) for i in batch["index"]]
         gens = [self._generator(0, self.current_epoch, i) for i in indices]
-        fit, found = self._fit_q_v(batch, fixed, mask, indices, gens)
+        fit, found, iters = self._fit_q_v(batch, fixed, mask, indices, gens)
 
         # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
         warped = self.registration.sample_warped(fit.params, moving, gens)
         f1, f2 = self.q_f.sample_antithetic(self._generator(1, self.current_epoch, batch_idx))
         energies = self._contrastive_step(opt_f, opt_phi, fixed, mask, warped, f1, f2)
+        energies["q_v_iters"] = torch.tensor(float(iters), device=self.device)
         self._log_training(fit.loss.mean(), found, energies, moving.shape[0])
         if batch_idx == 0:
             self._log_images(fixed, moving, warped, f1)
@@ -252,7 +302,9 @@ class LearnSimModule(pl.LightningModule):
                  gens: list[torch.Generator]):
         """Steps 1-3: q_v of this batch, warm-started from the state store, fitted and stored back.
 
-        Returns the fit and which pairs had a stored state (``[B]`` bool)."""
+        A batch with no stored q_v (epoch 0) runs the coarse-to-fine schedule when ``levels`` > 1; otherwise one
+        level at full resolution, ``no_iters_warm`` steps if every pair was warm-started (``no_iters`` if not).
+        Returns the fit, which pairs had a stored state (``[B]`` bool) and the q_v iterations run."""
         moving = batch["moving"]
         # the pair's identity (hash of its file paths) keys its q_v state; the row index only without one
         keys = list(batch["pair_key"]) if "pair_key" in batch else indices
@@ -260,34 +312,55 @@ class LearnSimModule(pl.LightningModule):
         params, found = self.state.load(keys, init)
         if self.current_epoch > 0 or self._resumed:
             self._missing_states += [str(k) for k, hit in zip(keys, found.tolist(), strict=True) if not hit]
-        bar, update, every = self._inner_progress(self.no_iters_q_v)
+        reg = self.registration
+        coarse_to_fine = not bool(found.any()) and reg.schedule.levels > 1
+        n = sum(reg.schedule.iters) if coarse_to_fine else (self.no_iters_warm if bool(found.all()) else self.no_iters_q_v)
+        bar, update, every = self._inner_progress(n)
+        common = dict(training=True, progress=update, log_every=every, generator=gens)
         try:
-            fit = self.registration.fit(fixed, moving, mask, params, training=True, progress=update, log_every=every,
-                                        generator=gens)
+            if coarse_to_fine:
+                fit = reg.fit_levels(fixed, moving, mask, None, **common)
+            else:
+                fit = reg.fit(fixed, moving, mask, params, no_iters=n, **common)
         finally:
             if bar is not None:
                 bar.close()
         self.state.save(keys, fit.params, step=self.q_v_step, epoch=self.current_epoch)
         self.q_v_step += 1
-        return fit, found
+        return fit, found, n
 
     def _contrastive_step(self, opt_f, opt_phi, fixed: Tensor, mask: Tensor, warped: Tensor, f1: Tensor,
                           f2: Tensor) -> dict[str, Tensor]:
         """One step of q_phi and q_f: ``L_phi = [E(F, Mw) - (E(F'_1, Mw) + E(F'_2, Mw)) / 2] / n`` (module
         docstring); q_f minimises ``L_phi`` (``original``) or ``E_{q_f}[E(F', Mw)] - H(q_f)`` (``bound``).
-        Returns the energies and losses ``[B]`` / scalars, for logging."""
-        b = warped.shape[0]
-        feat_w = self.metric.features(warped)
-        e_fixed = self.metric.energy_from_features(self.metric.features(fixed), feat_w, mask)
-        e_1 = self.metric.energy_from_features(self.metric.features(f1), feat_w, mask)
-        e_2 = self.metric.energy_from_features(self.metric.features(f2), feat_w, mask)
+        With a normalised metric the features are ``c a(.)``, ``c`` differentiated through ``a(F)``.
+        Returns the energies, losses and the metric's scale ``[B]`` / scalars, for logging."""
+        b, metric = warped.shape[0], self.metric
+        # one encoder pass per image (a batched pass reorders the weight gradients' sums: DDP runs must match)
+        raw_fixed, raw_w, raw_1, raw_2 = (metric.raw_features(x) for x in (fixed, warped, f1, f2))
+        c = metric.atlas_scale(fixed, mask, raw_fixed)
+        feat_w = c * raw_w
+        e_fixed = metric.energy_from_features(c * raw_fixed, feat_w, mask)
+        e_1 = metric.energy_from_features(c * raw_1, feat_w, mask)
+        e_2 = metric.energy_from_features(c * raw_2, feat_w, mask)
         loss_phi = (e_fixed - 0.5 * e_1 - 0.5 * e_2).sum() / b
-        phi_params = [p for p in self.metric.parameters() if p.requires_grad]
-        f_params = [p for p in self.q_f.parameters() if p.requires_grad]
         if self.q_f_objective is QFObjective.ORIGINAL:
             loss_f = loss_phi
         else:
             loss_f = 0.5 * (e_1 + e_2).sum() / b - self.q_f.entropy()
+        self._step_phi_and_f(opt_f, opt_phi, loss_phi, loss_f)
+        metric.calibrate_(fixed, mask)  # the stored c follows the new weights (q_v fits and checkpoints use it)
+        with torch.no_grad():
+            e_base = metric.energy(fixed, warped, mask)
+            scale = {"feature_scale": c.detach(), "raw_feature_rms": masked_rms(raw_fixed.detach(), mask),
+                     "energy_ratio": (e_fixed.detach() / e_base).mean()}
+        return {"loss_phi": loss_phi.detach(), "loss_f": loss_f.detach(), "e_fixed": e_fixed.detach(),
+                "e_q_f": (0.5 * (e_1 + e_2)).detach(), "e_base": e_base, **scale}
+
+    def _step_phi_and_f(self, opt_f, opt_phi, loss_phi: Tensor, loss_f: Tensor) -> None:
+        """Gradients of ``loss_phi`` into the metric's weights and of ``loss_f`` into q_f's; one step of each."""
+        phi_params = [p for p in self.metric.parameters() if p.requires_grad]
+        f_params = [p for p in self.q_f.parameters() if p.requires_grad]
         opt_f.zero_grad(set_to_none=True)
         opt_phi.zero_grad(set_to_none=True)
         if phi_params:
@@ -301,8 +374,6 @@ class LearnSimModule(pl.LightningModule):
         if f_params:
             opt_f.step()
             self.q_f.clamp_()
-        return {"loss_phi": loss_phi.detach(), "loss_f": loss_f.detach(), "e_fixed": e_fixed.detach(),
-                "e_q_f": (0.5 * (e_1 + e_2)).detach()}
 
     def _log_training(self, q_v_loss: Tensor, found: Tensor, energies: dict[str, Tensor], b: int) -> None:
         self.log_dict(
@@ -312,9 +383,14 @@ class LearnSimModule(pl.LightningModule):
                 "train/q_f_loss": energies["loss_f"],
                 "train/energy_fixed": energies["e_fixed"].mean(),
                 "train/energy_q_f": energies["e_q_f"].mean(),
+                "train/energy_baseline": energies["e_base"].mean(),
                 "train/q_f_sigma_mean": torch.exp(0.5 * self.q_f.log_var.detach()).mean(),
                 "train/q_f_entropy": self.q_f.entropy().detach(),
                 "train/q_v_warm_started": found.float().mean().to(self.device),
+                "train/q_v_iters": energies["q_v_iters"],
+                "metric/feature_scale": energies["feature_scale"],
+                "metric/raw_feature_rms": energies["raw_feature_rms"],
+                "metric/energy_ratio": energies["energy_ratio"],
             },
             on_step=True,
             on_epoch=True,
@@ -410,7 +486,10 @@ class LearnSimModule(pl.LightningModule):
         self._make_val_metrics()
         (fixed, mask), moving = self._atlas(batch), batch["moving"]
         with torch.enable_grad():
-            fit = self.registration.fit(fixed, moving, mask, no_iters=self.no_iters_val, training=False)
+            if self.registration.schedule.levels > 1:  # the test's schedule: coarse-to-fine from scratch
+                fit = self.registration.fit_levels(fixed, moving, mask, training=False)
+            else:
+                fit = self.registration.fit(fixed, moving, mask, no_iters=self.no_iters_val, training=False)
         disp = self.registration.mean_displacement(fit.params, moving.shape[2:])
         b, index = moving.shape[0], batch.get("index")
         self.log("val/q_v_loss", fit.loss.mean(), batch_size=b, sync_dist=True)

@@ -39,6 +39,8 @@ __all__ = [
     "structure_colours",
     "structure_boxplots",
     "calibration_plot",
+    "metric_figure",
+    "metric_figure_from_data",
 ]
 
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
@@ -672,3 +674,70 @@ def calibration_plot(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     return _save(fig, path, dpi)
+
+
+def _metric_panel(ax, view: PlaneView, vol: np.ndarray, title: str, **kw) -> None:
+    ax.imshow(view.cut(vol), aspect=view.aspect, interpolation="nearest", **kw)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def metric_figure(
+    atlas: Tensor, mask: Tensor, moving: Tensor, affine: Tensor | np.ndarray, metrics: Mapping[str, object],
+    path: str | os.PathLike, dpi: int = 110,
+) -> Path:
+    """What a learnt metric learnt, one axial slice per panel: top row the atlas and each metric's features of it
+    ``c a(F)`` (the same grey window as the atlas: a normalised metric keeps the atlas' RMS); bottom row the
+    moving image and each metric's voxel-wise energy of the pair (:meth:`SimilarityMetric.energy_map`; its own
+    colour window, the sum over the mask in the title).
+
+    Args:
+        atlas, mask, moving: ``[1, 1, D, H, W]`` on the working grid (intensities in [0, 1]).
+        affine: the grid's voxel-to-mm affine (orients the slice).
+        metrics: name -> :class:`~learnsim.metric.SimilarityMetric` (baselines and learnt ones), in column order.
+        path: the PNG to write.
+    """
+    view = plane_views(affine, atlas.shape[2:])[0]
+    n = 1 + len(metrics)
+    fig = Figure(figsize=(2.2 * n, 4.6))
+    axes = fig.subplots(2, n, squeeze=False)
+    window = dict(cmap="gray", vmin=0.0, vmax=_robust_max(_np3(atlas, "atlas")))
+    _metric_panel(axes[0, 0], view, _np3(atlas, "atlas"), "atlas F", **window)
+    _metric_panel(axes[1, 0], view, _np3(moving, "moving"), "moving M (before registration)", **window)
+    for k, (name, metric) in enumerate(metrics.items(), start=1):
+        feats = _np3(metric.features(atlas).detach(), "features")
+        _metric_panel(axes[0, k], view, feats, f"{name}: features of F", **window)
+        energy = _np3(metric.energy_map(atlas, moving, mask), "energy")
+        sign = -1.0 if energy.sum() < 0 else 1.0  # LCC's energy is negative: show -E (bright = similar)
+        shown = sign * energy
+        hi = max(float(np.percentile(shown, 99.5)), 1e-9)
+        label = "-energy" if sign < 0 else "energy"
+        _metric_panel(axes[1, k], view, shown, f"{name}: {label} (sum {energy.sum():.4g})", cmap="magma", vmin=0.0,
+                      vmax=hi)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def metric_figure_from_data(data_dir: str | os.PathLike, metrics: Mapping[str, str], path: str | os.PathLike,
+                            dims: int = 48, pair: int = 0, intensity: str = "histmatch") -> Path:
+    """:func:`metric_figure` for test pair ``pair`` of a cohort folder (``test.csv``), on a ``dims`` grid.
+
+    Args:
+        metrics: name -> a checkpoint (``*.ckpt``: its learnt metric) or ``"ssd:W"`` / ``"lcc:W"`` (a baseline of
+            likelihood precision ``W``).
+    """
+    from learnsim.data.datamodule import PairDataModule
+    from learnsim.metric import SimilarityMetric, build_metric
+
+    dm = PairDataModule(None, test_csv=Path(data_dir) / "test.csv", dims=dims, intensity=intensity)
+    dm.setup("test")
+    batch = next(b for i, b in enumerate(dm.test_dataloader()) if i == pair)
+    built = {}
+    for name, spec in metrics.items():
+        if spec.endswith(".ckpt"):
+            built[name] = SimilarityMetric.from_checkpoint(spec)
+        else:
+            kind, _, weight = spec.partition(":")
+            built[name] = build_metric(kind, weight=float(weight or 1.0))
+    return metric_figure(batch["fixed"], batch["fixed_mask"], batch["moving"], batch["affine"][0], built, path)
