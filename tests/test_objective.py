@@ -164,3 +164,19 @@ def test_first_fit_is_coarse_to_fine_and_later_epochs_use_the_warm_iterations(tm
     top = [c for c in calls if c[0] == "fit_levels"]
     assert top == [("fit_levels", 5)]
     assert calls == [("fit", 3), ("fit", 2), ("fit_levels", 5), ("fit", 1), ("fit", 1)]
+
+
+def test_paper_experiments_keep_the_original_objective_and_the_demo_the_bounded_one():
+    from conftest import _compose
+
+    for exp in ("ssd", "lcc"):
+        cfg = _compose("train", [f"+experiment={exp}"])
+        assert cfg.metric.normalise is False and cfg.q_f.objective == "original"
+        assert cfg.q_v.no_iters_warm is None and cfg.q_v.levels == 1 and cfg.model.no_iters_warm is None
+    for exp, weight in (("demo", 100.0), ("demo_lcc", 10.0)):
+        cfg = _compose("train", [f"+experiment={exp}"])
+        assert cfg.metric.normalise is True and cfg.metric.energy.weight == weight
+        assert cfg.q_v.levels == 3 and cfg.model.no_iters_warm == cfg.q_v.no_iters_warm == 16
+        assert cfg.callbacks.model_checkpoint.monitor == "val/dsc" and list(cfg.data.dims) == [48, 48, 48]
+        test = _compose("test", [f"+experiment={exp}", "metric=ssd"])
+        assert test.q_v.levels == 3 and test.data.intensity == "histmatch"
