@@ -24,7 +24,8 @@ echo "== 2/4 learn the metrics (CNN_SSD and CNN_LCC, Dirac-initialised to SSD an
 for run in "learnt_ssd demo" "learnt_lcc demo_lcc"; do
   set -- $run
   rm -rf "$OUT/train_$1"
-  learnsim-train +experiment="$2" paths.data_dir="$DATA" hydra.run.dir="$OUT/train_$1" ${LEARNSIM_DEMO_TRAIN_ARGS:-}
+  learnsim-train +experiment="$2" paths.data_dir="$DATA" hydra.run.dir="$OUT/train_$1" logger=csv \
+    ${LEARNSIM_DEMO_TRAIN_ARGS:-}
 done
 t2=$(date +%s)
 

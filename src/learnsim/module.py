@@ -67,6 +67,17 @@ the RMS of the atlas' features inside its mask brought back to the atlas' own RM
   frequencies where q_f's samples differ from the atlas most relative to the atlas itself. The nonlinear
   encoder has no such closed form, but the direction that made the original diverge is gone.
 
+What the objective can learn (both variants). q_f's mean is the atlas (not learnt), so for linear features the
+residual cancels: ``E_{q_f}[E(F', Mw)] = E(F, Mw) + 0.5 w c^2 E||h * n||^2`` and ``E_{q_f}[L_phi]`` does not
+depend on the moving images at all. The metric learns to amplify q_f's perturbation relative to the atlas (a
+high-pass map for white noise), whatever the pairs; only the encoder's nonlinearity and the clamping of q_f's
+samples let the pairs in. Tightening the bound does not change that: the optimal diagonal q_f
+(``q_f.objective=bound``, ``sigma^2 = 1 / (w c^2 ||h||^2)``) turns the surrogate into
+``-(n / 2) log(w c^2 ||h||^2) + const``, again unbounded in the unnormalised gain. The exact objective,
+``E(F, Mw) + log Z = 0.5 w ||c h * r||^2 - log |det(c h)| + const`` (``r = F - Mw``), would learn the filter that
+whitens the registration residual, ``|c H(omega)|^2 = 1 / (w |R(omega)|^2)``; only ``log Z``'s log-determinant,
+which the Jensen surrogate drops, carries that information.
+
 ``metric.normalise: false`` (default; the paper experiments ``+experiment=ssd|lcc``) keeps the original objective
 for comparison. The module logs the scale each step and epoch: ``metric/feature_scale`` (``c``),
 ``metric/raw_feature_rms`` (``rms_mask(a(F))``, the scale the original lets grow), ``metric/energy_ratio`` (the
