@@ -180,3 +180,25 @@ def test_paper_experiments_keep_the_original_objective_and_the_demo_the_bounded_
         assert cfg.callbacks.model_checkpoint.monitor == "val/dsc" and list(cfg.data.dims) == [48, 48, 48]
         test = _compose("test", [f"+experiment={exp}", "metric=ssd"])
         assert test.q_v.levels == 3 and test.data.intensity == "histmatch"
+
+
+def test_linear_log_det_matches_the_dense_matrix_and_is_zero_at_the_dirac_init():
+    import torch.nn.functional as F
+
+    assert abs(float(build_metric("cnn_ssd", normalise=True).linear_log_det((8, 8, 8)))) < 1e-3
+    metric = build_metric("cnn_ssd", no_features=(2, 3))
+    _randomise_(metric)
+    shape = (4, 5, 6)
+
+    def linear_part(x):  # circular convolutions, LeakyReLU as the identity, no biases
+        for conv in metric.encoder.convs:
+            x = F.conv3d(F.pad(x, (1,) * 6, mode="circular"), conv.weight)
+        return F.conv3d(x, metric.encoder.aggregation.weight)
+
+    n = 4 * 5 * 6
+    with torch.no_grad():
+        dense = torch.stack([linear_part(torch.eye(n)[i].view(1, 1, *shape)).flatten() for i in range(n)])
+        assert abs(float(metric.linear_log_det(shape)) - float(torch.linalg.slogdet(dense.double())[1])) < 1e-3
+        # the normalised metric adds n log c
+        c = torch.tensor(3.0)
+        assert abs(float(metric.linear_log_det(shape, c) - metric.linear_log_det(shape)) - n * float(torch.log(c))) < 1e-2

@@ -17,6 +17,7 @@ the training module differentiates through it (:meth:`SimilarityMetric.atlas_sca
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -190,6 +191,33 @@ class SimilarityMetric(nn.Module):
             return torch.ones((), device=fixed.device)
         raw = self.raw_features(fixed) if raw_fixed is None else raw_fixed
         return masked_rms(fixed, mask) / masked_rms(raw, mask).clamp_min(1e-12)
+
+    def linear_log_det(self, shape: Sequence[int], scale: Tensor | None = None) -> Tensor:
+        """``log |det(c A)|`` for ``A`` the encoder's linear part as a circular convolution on a grid ``shape``.
+
+        The linear part is the encoder with LeakyReLU taken as the identity and the biases dropped (the exact map on
+        non-negative inputs at the Dirac initialisation): per frequency ``H(omega) = w_agg H_L ... H_1``, products
+        of the convolutions' channel matrices, and ``log |det A| = sum_omega log |H(omega)|``. A scalar tensor,
+        differentiable in the weights (and in ``scale``, ``c``; default :attr:`feature_scale`, 1 unless
+        normalised); 0 for a baseline. It is ``-log Z`` up to a constant for SSD on linear features.
+        """
+        if self.encoder is None:
+            return torch.zeros(())
+        shape = tuple(int(n) for n in shape)
+        resp = None
+        for conv in self.encoder.convs:  # [C_out, C_in, *half-spectrum]
+            h = torch.fft.rfftn(conv.weight, s=shape, dim=(-3, -2, -1))
+            resp = h if resp is None else torch.einsum("oi...,ic...->oc...", h, resp)
+        agg = self.encoder.aggregation.weight.flatten(1).to(resp.dtype)  # [1, C]
+        resp = torch.einsum("oi,ic...->oc...", agg, resp)[0, 0]
+        # the half-spectrum of rfftn: every bin but the 0 and Nyquist planes of the last axis stands for two
+        mult = torch.full((resp.shape[-1],), 2.0, device=resp.device)
+        mult[0] = 1.0
+        if shape[-1] % 2 == 0:
+            mult[-1] = 1.0
+        log_det = (torch.log(resp.abs().clamp_min(1e-12)) * mult).sum()
+        c = (self.feature_scale if self.normalise else None) if scale is None else scale
+        return log_det if c is None else log_det + math.prod(shape) * torch.log(c)
 
     @torch.no_grad()
     def calibrate_(self, fixed: Tensor, mask: Tensor | None = None) -> Tensor:

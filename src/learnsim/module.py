@@ -78,6 +78,13 @@ samples let the pairs in. Tightening the bound does not change that: the optimal
 whitens the registration residual, ``|c H(omega)|^2 = 1 / (w |R(omega)|^2)``; only ``log Z``'s log-determinant,
 which the Jensen surrogate drops, carries that information.
 
+``q_f.objective: logdet`` takes that route for the linear part: ``L_phi = E(F, Mw) - s log |det(c A)|`` with ``A``
+the encoder with LeakyReLU as the identity (exact at the Dirac initialisation), its log-determinant summed over
+the grid's frequencies (:meth:`~learnsim.metric.SimilarityMetric.linear_log_det`) and ``s`` the mask's share of
+the grid (the energy sums over the mask). It is bounded in the scale (``k^2 E`` against ``n log k``: unnormalised,
+the scale settles at the maximum-likelihood precision of the residual) and in the spectrum (per frequency
+``0.5 w |cH|^2 |R|^2 - log |cH|``); q_f is not used.
+
 ``metric.normalise: false`` (default; the paper experiments ``+experiment=ssd|lcc``) keeps the original objective
 for comparison. The module logs the scale each step and epoch: ``metric/feature_scale`` (``c``),
 ``metric/raw_feature_rms`` (``rms_mask(a(F))``, the scale the original lets grow), ``metric/energy_ratio`` (the
@@ -125,6 +132,8 @@ class QFObjective(str, Enum):
 
     ORIGINAL = "original"
     BOUND = "bound"
+    #: no q_f: ``log Z`` is the exact Gaussian normaliser of the metric's linear part (module docstring)
+    LOGDET = "logdet"
 
 
 def _adam(lr: float) -> OptimFactory:
@@ -189,7 +198,7 @@ class LearnSimModule(pl.LightningModule):
         q_f = dict(q_f or {})
         objective = str(q_f.pop("objective", QFObjective.ORIGINAL.value))
         if objective not in tuple(QFObjective):
-            raise ValueError(f"q_f.objective must be 'original' or 'bound'; got {objective!r}")
+            raise ValueError(f"q_f.objective must be 'original', 'bound' or 'logdet'; got {objective!r}")
         self.q_f_objective = QFObjective(objective)
         self.q_f = QF(torch.zeros(1, 1, *self.dims), **q_f)
         self.no_iters_q_v = registration.no_iters
@@ -355,23 +364,27 @@ class LearnSimModule(pl.LightningModule):
         e_1 = metric.energy_from_features(c * raw_1, feat_w, mask)
         e_2 = metric.energy_from_features(c * raw_2, feat_w, mask)
         loss_phi = (e_fixed - 0.5 * e_1 - 0.5 * e_2).sum() / b
-        if self.q_f_objective is QFObjective.ORIGINAL:
-            loss_f = loss_phi
-        else:
+        loss_f: Tensor | None = loss_phi
+        if self.q_f_objective is QFObjective.BOUND:
             loss_f = 0.5 * (e_1 + e_2).sum() / b - self.q_f.entropy()
+        elif self.q_f_objective is QFObjective.LOGDET:  # E(F, Mw) + log Z, log Z over the mask's share of the grid
+            share = mask.float().mean() if mask is not None else 1.0
+            loss_phi, loss_f = e_fixed.sum() / b - share * metric.linear_log_det(fixed.shape[2:], c), None
         self._step_phi_and_f(opt_f, opt_phi, loss_phi, loss_f)
         metric.calibrate_(fixed, mask)  # the stored c follows the new weights (q_v fits and checkpoints use it)
         with torch.no_grad():
             e_base = metric.energy(fixed, warped, mask)
             scale = {"feature_scale": c.detach(), "raw_feature_rms": masked_rms(raw_fixed.detach(), mask),
                      "energy_ratio": (e_fixed.detach() / e_base).mean()}
-        return {"loss_phi": loss_phi.detach(), "loss_f": loss_f.detach(), "e_fixed": e_fixed.detach(),
+        return {"loss_phi": loss_phi.detach(), "loss_f": (loss_f if loss_f is not None else torch.zeros(())).detach(),
+                "e_fixed": e_fixed.detach(),
                 "e_q_f": (0.5 * (e_1 + e_2)).detach(), "e_base": e_base, **scale}
 
-    def _step_phi_and_f(self, opt_f, opt_phi, loss_phi: Tensor, loss_f: Tensor) -> None:
-        """Gradients of ``loss_phi`` into the metric's weights and of ``loss_f`` into q_f's; one step of each."""
+    def _step_phi_and_f(self, opt_f, opt_phi, loss_phi: Tensor, loss_f: Tensor | None) -> None:
+        """Gradients of ``loss_phi`` into the metric's weights and of ``loss_f`` into q_f's (None: q_f stays);
+        one step of each."""
         phi_params = [p for p in self.metric.parameters() if p.requires_grad]
-        f_params = [p for p in self.q_f.parameters() if p.requires_grad]
+        f_params = [p for p in self.q_f.parameters() if p.requires_grad] if loss_f is not None else []
         opt_f.zero_grad(set_to_none=True)
         opt_phi.zero_grad(set_to_none=True)
         if phi_params:
