@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 
 from learnsim.checkpoint import checkpoint_settings, load_checkpoint
-from learnsim.defaults import PAPER, REGISTER, REGISTER_HISTMATCH
+from learnsim.defaults import (
+    PAPER,
+    REGISTER,
+    REGISTER_HISTMATCH,
+    REGISTER_INT_DOWNSIZE,
+    REGISTER_METRIC,
+    REGISTER_NO_STEPS,
+)
 from learnsim.energies import EnergyKind
 from learnsim.grid import affine_to_tensor
 from learnsim.metric import SimilarityMetric, build_metric
@@ -180,14 +187,14 @@ def _check_tensor(x: Tensor, name: str) -> Tensor:
 def register(
     fixed: Tensor | str | os.PathLike,
     moving: Tensor | str | os.PathLike,
-    metric: str | SimilarityMetric = "ssd",
+    metric: str | SimilarityMetric = REGISTER_METRIC,
     *,
     moving_seg: Tensor | str | os.PathLike | None = None,
     fixed_mask: Tensor | str | os.PathLike | None = None,
     affine: np.ndarray | None = None,
     dims: int | tuple[int, int, int] | None = None,
     transformation: str = "svf",
-    no_steps: int | str = 12, int_downsize: int = 1,
+    no_steps: int | str = REGISTER_NO_STEPS, int_downsize: int = REGISTER_INT_DOWNSIZE,
     cps: int = 2,
     no_iters: int | None = None,
     lr: float | None = None,
@@ -216,7 +223,7 @@ def register(
             or NIfTI paths, preprocessed as training data are: the fixed image defines the grid (its own, or a
             padded cube of ``dims`` voxels), the moving image (and its segmentation) are resampled into it
             **through their affines** (same world space) and min-max scaled; ``notes`` says what was done.
-        metric: ``"ssd"``, ``"lcc"`` (baselines), a checkpoint path (``*.ckpt``: its learnt metric) or a
+        metric: ``"lcc"`` (the default), ``"ssd"`` (baselines), a checkpoint path (``*.ckpt``: its learnt metric) or a
             :class:`~learnsim.metric.SimilarityMetric`.
         moving_seg: label map to warp (nearest). fixed_mask: energies are summed inside it (all voxels if None).
         affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths. transformation: ``"svf"``

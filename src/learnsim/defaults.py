@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from learnsim.energies import EnergyKind
 
-__all__ = ["PaperSettings", "PAPER", "RegisterSettings", "REGISTER", "REGISTER_HISTMATCH"]
+__all__ = ["PaperSettings", "PAPER", "RegisterSettings", "REGISTER", "REGISTER_HISTMATCH", "REGISTER_METRIC",
+           "REGISTER_NO_STEPS", "REGISTER_INT_DOWNSIZE"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,18 @@ class RegisterSettings:
 
 REGISTER: dict[EnergyKind, RegisterSettings] = {
     EnergyKind.SSD: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=100.0),
-    EnergyKind.LCC: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=10.0),
+    EnergyKind.LCC: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=30.0),
 }
+
+#: the metric :func:`learnsim.register` / ``learnsim-register`` use when the caller names none: LCC registered the
+#: demo test pairs at 128^3 best of the baselines (README, "Defaults of learnsim-register")
+REGISTER_METRIC = "lcc"
+
+#: integration :func:`learnsim.register` uses by default: fast mode (the fewest squarings keeping the first step under
+#: half a voxel, on a grid twice as coarse): a 128^3 pair in under a minute on 2 cores; ``int_downsize=1`` gives the
+#: exact grid's (about twice wider) uncertainty maps at about twice the time
+REGISTER_NO_STEPS: int | str = "auto"
+REGISTER_INT_DOWNSIZE = 2
 
 #: :func:`learnsim.register` matches the moving image's histogram to the fixed image's unless told otherwise
 REGISTER_HISTMATCH = True

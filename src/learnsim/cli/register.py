@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from learnsim.api import checkpoint_settings, load_checkpoint, register, register_schedule
+from learnsim.defaults import REGISTER_METRIC
 from learnsim.io import save_nifti
 
 # overrides accepted as key=value (the keyword arguments of learnsim.register)
@@ -69,8 +70,8 @@ def _parse_overrides(items: list[str]) -> dict:
             if key == "dims":
                 parts = [int(v) for v in value.strip("[]()").split(",")]
                 out[key] = parts[0] if len(parts) == 1 else tuple(parts)
-            elif key == "no_steps" and value.strip().lower() == "auto":
-                out[key] = "auto"
+            elif key == "no_steps":
+                out[key] = "auto" if value.strip().lower() == "auto" else int(value)
             elif isinstance(default, bool):
                 if value.lower() not in _TRUE + _FALSE:
                     raise ValueError("expected true or false")
@@ -166,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--fixed-mask", help="fixed-image mask: energies are summed inside it")
     ap.add_argument("--fixed-seg", help="the atlas' own segmentation, for its outlines in label_overlay.png")
     ap.add_argument("--no-figures", action="store_true", help="skip output_grid.png and label_overlay.png")
-    ap.add_argument("--metric", default="ssd", help="ssd | lcc | path to a learnsim checkpoint (.ckpt)")
+    ap.add_argument("--metric", default=REGISTER_METRIC,
+                    help=f"ssd | lcc | path to a learnsim checkpoint (.ckpt); default {REGISTER_METRIC}")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("overrides", nargs="*", help=f"key=value, keys: {', '.join(sorted(_OVERRIDABLE))}")
     return ap
