@@ -135,16 +135,7 @@ PER_PAIR_COLUMNS = [
 ]
 #: Columns of ``peers_summary.csv``: the per-pair ones, averaged over pairs (no pair name, no warp check).
 SUMMARY_COLUMNS = ["method", "n_pairs", *(c for c in PER_PAIR_COLUMNS[2:] if c != "native_warp_mad")]
-_MEAN_COLUMNS = (
-    "dsc_before_mean",
-    "dsc_mean",
-    "dsc_native_mean",
-    "folding_voxels",
-    "folding_pct",
-    "sdlogj",
-    "seconds",
-    "cpu_seconds",
-)
+_MEAN_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c not in ("method", "n_pairs", "threads"))
 
 
 class MissingPeerError(RuntimeError):
