@@ -195,3 +195,17 @@ def test_register_likelihood_precision_and_histmatch():
     assert err < 0.3, err
     with pytest.raises(ValueError, match="data_weight must be > 0"):
         api.register(fixed, moving, metric, no_iters=1, data_weight=0.0, device="cpu")
+
+
+def test_evaluation_compares_dims_given_as_one_int_with_training():
+    """``data.dims=16`` (one int) next to a training run's ``[16, 16, 16]`` (or ``48`` against ``[48, 48, 48]``) is the
+    same grid: no note, no crash; a different grid is named."""
+    from omegaconf import OmegaConf
+
+    from learnsim.cli.test import _compare_with_training
+
+    cfg = OmegaConf.create({"data": {"dims": 16}, "reg_loss": {"w_reg": 1.8}, "transformation": {"no_steps": 12}})
+    assert _compare_with_training(cfg, {"data": {"dims": [16, 16, 16]}}) == []
+    assert _compare_with_training(cfg, {"data": {"dims": 16}}) == []
+    notes = _compare_with_training(cfg, {"data": {"dims": [32, 32, 32]}})
+    assert len(notes) == 1 and "data.dims" in notes[0]

@@ -26,9 +26,14 @@ from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.evaluation.run import evaluate as run_evaluation
+from learnsim.grid import as_dims
 from learnsim.metric import SimilarityMetric
 
 log = logging.getLogger("learnsim.test")
+
+
+def _dims_or_none(dims: Any) -> list[int] | None:
+    return None if dims is None else list(as_dims(dims))
 
 
 def _compare_with_training(cfg: DictConfig, train_cfg: dict | None) -> list[str]:
@@ -37,7 +42,7 @@ def _compare_with_training(cfg: DictConfig, train_cfg: dict | None) -> list[str]
         return []
     notes = []
     checks = {
-        "data.dims": (list(cfg.data.dims), train_cfg.get("data", {}).get("dims")),
+        "data.dims": (list(as_dims(cfg.data.dims)), _dims_or_none(train_cfg.get("data", {}).get("dims"))),
         "reg_loss.w_reg": (cfg.reg_loss.w_reg, train_cfg.get("reg_loss", {}).get("w_reg")),
         "transformation.no_steps": (cfg.transformation.no_steps, train_cfg.get("transformation", {}).get("no_steps")),
     }
