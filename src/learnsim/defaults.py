@@ -59,18 +59,18 @@ class RegisterSettings:
 
 REGISTER: dict[EnergyKind, RegisterSettings] = {
     EnergyKind.SSD: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=100.0),
-    EnergyKind.LCC: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=30.0),
+    EnergyKind.LCC: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=10.0),
 }
 
 #: the metric :func:`learnsim.register` / ``learnsim-register`` use when the caller names none: LCC registered the
 #: demo test pairs at 128^3 best of the baselines (README, "Defaults of learnsim-register")
 REGISTER_METRIC = "lcc"
 
-#: integration :func:`learnsim.register` uses by default: fast mode (the fewest squarings keeping the first step under
-#: half a voxel, on a grid twice as coarse): a 128^3 pair in under a minute on 2 cores; ``int_downsize=1`` gives the
-#: exact grid's (about twice wider) uncertainty maps at about twice the time
+#: integration :func:`learnsim.register` uses by default: the image grid with the fewest squarings keeping the first
+#: step under half a voxel (measured equal to 12 squarings); ``int_downsize=2`` (fast mode) halves the time but cost
+#: ~1 DSC point at 128^3 and halves the uncertainty maps (README, "Defaults of learnsim-register")
 REGISTER_NO_STEPS: int | str = "auto"
-REGISTER_INT_DOWNSIZE = 2
+REGISTER_INT_DOWNSIZE = 1
 
 #: :func:`learnsim.register` matches the moving image's histogram to the fixed image's unless told otherwise
 REGISTER_HISTMATCH = True
