@@ -241,3 +241,14 @@ def test_antithetic_pair_gradcheck_float64():
     eps = torch.randn(b, *shape, generator=g, dtype=torch.float64)
     xi = torch.randn(b, r, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *t: ops.antithetic_pair(*t, eps, xi), (loc, log_var, u), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 7, 8])
+def test_smoothing_along_rows_narrower_than_the_kernel(width):
+    """The W pass splits each row into clamped borders and a clamp-free interior; rows no wider than the 7-tap
+    kernel have no interior and overlapping borders."""
+    from learnsim.sobolev import separable_filter, sobolev_kernel_1d
+
+    weights = sobolev_kernel_1d(3, 0.5, torch.float64).tolist()
+    x = torch.randn(2, 3, 4, 5, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    assert rel_err(ops.smooth(x, weights), separable_filter(x, weights)) < 1e-12

@@ -72,7 +72,7 @@ def antithetic_backward(log_var, u, eps, xi, grad_out, grad_h, cinv, d_loc, d_lo
     """
     nb, n = log_var.shape
     r = u.shape[1]
-    nchunks = min(n, 64 * 4)
+    nchunks = min(n, 4 * NO_CHUNKS)  # no reduction here: the chunks only balance the threads
     step = (n + nchunks - 1) // nchunks
     half = log_var.dtype.type(0.5)
     for item in prange(nb * nchunks):

@@ -310,20 +310,26 @@ def _filter_row_w(row, d, weights):
     """``d = row`` filtered along its own (W) axis, replicate padding: clamped taps only at the two borders."""
     nw, k = row.shape[0], weights.shape[0]
     r = k // 2
-    for x in range(nw):
-        if r <= x < nw - r:
-            x = nw - r  # the interior is done below, in one clamp-free (vectorised) loop
-        if x >= nw:
-            break
-        acc = weights[0] - weights[0]  # a zero of the weights' dtype
-        for j in range(k):
-            acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
-        d[x] = acc
-    for x in range(r, nw - r):
+    left = min(r, nw)
+    for x in range(left):
+        d[x] = _clamped_taps(row, weights, x)
+    for x in range(r, nw - r):  # the interior: no clamping, one vectorisable loop
         acc = weights[0] * row[x - r]
         for j in range(1, k):
             acc += weights[j] * row[x + j - r]
         d[x] = acc
+    for x in range(max(nw - r, left), nw):
+        d[x] = _clamped_taps(row, weights, x)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _clamped_taps(row, weights, x):
+    """One output of the replicate-padded correlation of ``row`` with ``weights`` at ``x`` (taps clamped)."""
+    nw, r = row.shape[0], weights.shape[0] // 2
+    acc = weights[0] - weights[0]  # a zero of the weights' dtype
+    for j in range(weights.shape[0]):
+        acc += weights[j] * row[min(max(x + j - r, 0), nw - 1)]
+    return acc
 
 
 @njit(cache=True, fastmath=FASTMATH)
