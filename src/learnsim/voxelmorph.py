@@ -33,6 +33,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,7 +49,35 @@ from learnsim.grid import as_dims
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.spatial import integrate_svf, warp, warp_labels
 
-__all__ = ["VoxelMorphNet", "VoxelMorphModule"]
+__all__ = ["VoxelMorphNet", "VoxelMorphModule", "upsample_strided", "cosine_factor"]
+
+
+def upsample_strided(field: Tensor, factor: int, size: Sequence[int]) -> Tensor:
+    """Trilinear up-sampling of a field computed by stride-``factor`` convolutions, in their geometry.
+
+    A stack of stride-2, 3x3x3, padding-1 convolutions puts coarse node ``j`` at fine voxel ``factor * j`` (output
+    ``i`` of each is centred on input ``2 i``). So fine voxel ``x`` reads the coarse field at ``x / factor``, linearly
+    interpolated, the last node replicated beyond the end. (Resizing with ``align_corners=True`` instead, as
+    VoxelMorph's ``ResizeTransform`` does, stretches the coarse grid over the fine one: at 16 -> 64 voxel 63 reads
+    node 15, whose features were computed at voxel 60, so the predicted field lands up to 3 voxels off, and the
+    error grows across the image: a convolution cannot learn to undo it.)
+
+    Args:
+        field: ``[B, C, d, h, w]`` on the coarse grid; values are returned as given (rescale units yourself).
+        factor: the total stride ``2^r``.
+        size: the fine grid ``(D, H, W)``, at most ``factor * (d, h, w)``.
+    Returns:
+        ``[B, C, D, H, W]``.
+    """
+    size = tuple(int(s) for s in size)
+    coarse = tuple(field.shape[2:])
+    if factor < 1 or any(s > factor * c for s, c in zip(size, coarse, strict=True)):
+        raise ValueError(f"upsample_strided: grid {size} is not covered by {coarse} nodes at stride {factor}")
+    padded = F.pad(field, (0, 1, 0, 1, 0, 1), mode="replicate")  # node n, at fine voxel factor * n
+    fine = F.interpolate(
+        padded, size=tuple(factor * c + 1 for c in coarse), mode="trilinear", align_corners=True
+    )  # fine voxel x reads node x / factor
+    return fine[:, :, : size[0], : size[1], : size[2]]
 
 
 class VoxelMorphNet(nn.Module):
@@ -61,8 +90,9 @@ class VoxelMorphNet(nn.Module):
     to ``N(0, 1e-5)`` weights and zero bias, gives a near-zero velocity before training.
 
     With ``half_res`` the last up-sampling (and the skip from the input pair) is left out, the velocity is
-    predicted on the half-resolution grid, then up-sampled trilinearly to full resolution and multiplied by 2
-    (its units are voxels of the grid it lives on).
+    predicted on the half-resolution grid, then up-sampled trilinearly to full resolution (in the strided
+    convolutions' geometry, :func:`upsample_strided`) and multiplied by 2 (its units are voxels of the grid it
+    lives on).
 
     ``res_level = r`` generalises this: the last ``r`` up-samplings (and their skips) are left out, the decoder's
     remaining convolutions and the extra ones run at ``1 / 2^r`` resolution, and the velocity is up-sampled by
@@ -211,9 +241,8 @@ class VoxelMorphNet(nn.Module):
         v = self.flow(x)
         if self.res_level:
             # voxel units: a displacement of 1 voxel at 1 / 2^r resolution is 2^r full-res voxels
-            v = float(2**self.res_level) * F.interpolate(
-                v, size=tuple(moving.shape[2:]), mode="trilinear", align_corners=True
-            )
+            factor = 2**self.res_level
+            v = float(factor) * upsample_strided(v, factor, moving.shape[2:])
         return v
 
     def integrate(self, v: Tensor) -> Tensor:
@@ -226,6 +255,15 @@ class VoxelMorphNet(nn.Module):
         """``(velocity, displacement)``, both ``[B, 3, D, H, W]`` in voxels; ``phi = id + displacement``."""
         v = self.velocity(moving, fixed)
         return v, self.integrate(v)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def cosine_factor(step: int, total: int, final: float) -> float:
+    """Learning-rate factor at optimiser step ``step`` of ``total``: 1 -> ``final`` along a half cosine, then ``final``."""
+    t = min(max(step, 0), total) / total
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def _freeze(metric: SimilarityMetric) -> SimilarityMetric:
@@ -256,6 +294,11 @@ class VoxelMorphModule(pl.LightningModule):
             when loading a checkpoint (the weights come from the state dict). Takes precedence over the above.
         metric_source: where a learnt metric came from (the ``metric_ckpt`` path); recorded, never read.
         instance_lr: Adam learning rate of :meth:`register_batch`'s instance optimisation (0.01).
+        lr_schedule: ``"constant"`` (VoxelMorph's) or ``"cosine"``: the learning rate falls from ``lr`` to
+            ``lr * lr_final`` along a half cosine over the run's optimiser steps (the trainer's
+            ``estimated_stepping_batches``: set ``trainer.max_steps``); the decay settles the step-to-step noise
+            of batch-1 training on random pairs at the end of a short run.
+        lr_final: the final learning rate of the cosine schedule as a fraction of ``lr`` (0.05).
 
     Loss per batch (see the module docstring): ``mean_b [E(F, M_b o phi_b; mask) + R(v_b)] / (D H W)``.
     """
@@ -271,8 +314,17 @@ class VoxelMorphModule(pl.LightningModule):
         metric_spec: Mapping[str, Any] | None = None,
         metric_source: str | None = None,
         instance_lr: float = 0.01,
+        lr_schedule: str = "constant",
+        lr_final: float = 0.05,
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"VoxelMorphModule: lr_schedule must be one of {LR_SCHEDULES}; got {lr_schedule!r}"
+            )
+        if not 0.0 <= float(lr_final) <= 1.0:
+            raise ValueError(f"VoxelMorphModule: lr_final must be in [0, 1]; got {lr_final}")
+        self.lr_schedule, self.lr_final = lr_schedule, float(lr_final)
         self.net = net if isinstance(net, VoxelMorphNet) else VoxelMorphNet(**dict(net))
         self.dims = as_dims(dims)
         self.net.check_shape(self.dims)
@@ -315,6 +367,8 @@ class VoxelMorphModule(pl.LightningModule):
                 "lr": self.lr,
                 "dims": list(self.dims),
                 "instance_lr": self.instance_lr,
+                "lr_schedule": self.lr_schedule,
+                "lr_final": self.lr_final,
             }
         )
 
@@ -363,8 +417,18 @@ class VoxelMorphModule(pl.LightningModule):
         """``(velocity, displacement)`` ``[B, 3, D, H, W]`` in voxels."""
         return self.net(moving, fixed)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        if self.lr_schedule == "constant":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                "VoxelMorphModule: lr_schedule='cosine' needs a finite step budget; set trainer.max_steps "
+                f"(the trainer estimates {total} steps)"
+            )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(cosine_factor, total=int(total), final=self.lr_final))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _check_batch(self, moving: Tensor) -> None:
         if tuple(moving.shape[2:]) != self.dims:
