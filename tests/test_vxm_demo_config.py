@@ -19,23 +19,27 @@ def _compose(overrides: list[str]):
 
 
 @pytest.mark.parametrize(
-    "experiment, kind, weight, w_reg", [("vxm_demo_ssd", "ssd", 100.0, 1.8), ("vxm_demo_lcc", "lcc", 10.0, 2.8)]
+    "experiment, kind, weight, w_reg, radius",
+    [("vxm_demo_ssd", "ssd", 100.0, 1.8, None), ("vxm_demo_lcc", "lcc", 10.0, 2.8, 4)],
 )
-def test_demo_experiments(experiment, kind, weight, w_reg):
+def test_demo_experiments(experiment, kind, weight, w_reg, radius):
     cfg = _compose([f"+experiment={experiment}"])
     assert cfg.data.on_the_fly and list(cfg.data.dims) == [64, 64, 64] and cfg.data.items_per_epoch > 0
     ckpt = cfg.callbacks.model_checkpoint
     assert (ckpt.monitor, ckpt.mode, ckpt.save_top_k, ckpt.filename) == ("val/dsc", "max", 1, "best")
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_time is not None
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.gradient_clip_algorithm == "norm"
     module = instantiate(_compose([f"+experiment={experiment}", "data.dims=[32,32,32]"]).model)
     assert isinstance(module, VoxelMorphModule) and module.metric.spec["kind"] == kind
     assert module.metric.energy.weight == weight and module.reg_loss.w_reg == w_reg
+    assert radius is None or module.metric.energy.radius == radius
+    assert cfg.data.atlas_fraction == 0.9
     assert module.net.res_level == 2 and module.net.int_downsize == 4 and module.net.no_steps == 7
     # rebuilt from a checkpoint with the same resolution and integration
     assert module.hparams["net"]["int_downsize"] == 4 and module.hparams["net"]["res_level"] == 2
 
 
-@pytest.mark.parametrize("experiment", ["vxm_demo_learnt_ssd", "vxm_demo_learnt_lcc"])
+@pytest.mark.parametrize("experiment", ["vxm_demo_learnt_ssd"])
 def test_learnt_demo_experiment_needs_a_checkpoint(experiment):
     with pytest.raises(Exception, match="metric_ckpt"):
         instantiate(_compose([f"+experiment={experiment}", "data.dims=[32,32,32]"]).model)
