@@ -410,3 +410,28 @@ def test_learnt_experiments_instantiate_from_a_checkpoint(tmp_path, experiment, 
         torch.equal(p, q) for p, q in zip(module.metric.parameters(), reference.parameters(), strict=True)
     )
     assert module.hparams["metric_source"] == str(ckpt)
+
+
+def test_learnsim_test_overrides_the_refinement_lr(tmp_path):
+    """learnsim-test's ``instance_lr`` replaces the checkpoint's refinement step for that evaluation only; bad values
+    are refused naming the key."""
+    from omegaconf import OmegaConf
+
+    from learnsim.cli.test import _check_settings, _registration
+
+    torch.manual_seed(0)
+    module = _module("ssd", lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, train_dataloaders=_loader(_pair_data()))
+    path = tmp_path / "vxm.ckpt"
+    trainer.save_checkpoint(path)
+    base = {"ckpt": str(path), "save_nifti": False, "figures": False, "amp": False, "q_v": {"no_iters": 1},
+            "no_samples": 1, "no_samples_uncertainty": 0, "max_pairs": None, "data": {"dims": list(SHAPE)}}
+    for lr, expected in ((None, module.instance_lr), (0.2, 0.2)):
+        cfg = OmegaConf.create({**base, "instance_lr": lr})
+        _check_settings(cfg)
+        vxm, _ = _registration(cfg, torch.device("cpu"))
+        assert isinstance(vxm, VoxelMorphModule) and vxm.instance_lr == expected
+    for bad in (0, -0.1, True, "fast"):
+        with pytest.raises(ValueError, match="instance_lr"):
+            _check_settings(OmegaConf.create({**base, "instance_lr": bad}))

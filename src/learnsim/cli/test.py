@@ -89,6 +89,9 @@ def _check_settings(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be an integer >= {low}; got {value!r}")
     if cfg.get("max_pairs") is not None and (not isinstance(cfg.max_pairs, int) or cfg.max_pairs < 1):
         raise ValueError(f"max_pairs must be null or an integer >= 1; got {cfg.max_pairs!r}")
+    lr = cfg.get("instance_lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"instance_lr must be null or a number > 0; got {lr!r}")
 
 
 def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]]:
@@ -107,6 +110,8 @@ def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]
 
         vxm = VoxelMorphModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).eval()
         vxm.metric.to(device).eval()
+        if cfg.get("instance_lr") is not None:  # the refinement's step size, for this evaluation only
+            vxm.instance_lr = float(cfg.instance_lr)
         return vxm, notes
     metric = SimilarityMetric.from_checkpoint(ckpt_path).to(device).eval()
     return instantiate(cfg.registration)(metric=metric), notes
@@ -173,6 +178,8 @@ HELP_KEYS = [
     ("split", "test or val"),
     ("max_pairs", "evaluate only the first N pairs"),
     ("device", "auto, cpu or cuda"),
+    ("instance_optimisation_iters", "VoxelMorph checkpoints: Adam steps refining the network's velocity per pair"),
+    ("instance_lr", "their learning rate (null: the checkpoint's model.instance_lr)"),
     ("name", "run name: the folder runs/test/<name>/<time> and the legend of plots"),
 ]
 
