@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # VoxelMorph on the demo cohort (after scripts/demo.sh), on CPU at 64^3 (README, "VoxelMorph on the CPU demo"):
-#   1. train three networks, one after the other, each on training pairs generated on the fly (a fresh seeded
+#   1. train four networks, one after the other, each on training pairs generated on the fly (a fresh seeded
 #      pseudo-subject per step: learnsim.data.synthetic_pairs), validation DSC every epoch, the best checkpoint
-#      kept (checkpoints/best.ckpt), 14 minutes each (~4,200 steps on a quiet 2-core machine): baseline SSD,
-#      baseline LCC (9^3 window) and the frozen learnt SSD metric of the demo run
-#      (+experiment=vxm_demo_ssd / vxm_demo_lcc / vxm_demo_learnt_ssd);
-#   2. evaluate each best checkpoint on the 16 test pairs;
+#      kept (checkpoints/best.ckpt), 14 minutes each: baseline SSD, baseline LCC (9^3 window), the frozen learnt SSD
+#      and the frozen learnt LCC metrics of the demo run (+experiment=vxm_demo_ssd / vxm_demo_lcc /
+#      vxm_demo_learnt_ssd / vxm_demo_learnt_lcc);
+#   2. evaluate each best checkpoint on the 16 test pairs: the network alone, and the network followed by
+#      VXM_REFINE_ITERS Adam steps of instance optimisation on its own energy (lr VXM_REFINE_LR; chosen on the
+#      validation pairs, README);
 #   3. fit q_v with the SSD and LCC baselines on the same test pairs and the same 64^3 grid (the instance-optimisation
 #      reference; scripts/demo.sh's own q_v runs are at 48^3), the two side by side, one thread each;
-#   4. print one table (learnsim-compare --table --per-pair) and test the learnt-metric network against its
-#      baseline (paired Wilcoxon: runs/demo/compare_vxm_ssd/).
-#   VXM_RUNS="ssd lcc learnt_ssd"  which networks to train (default: all three)
-#   VXM_QV=0                       skip step 3
+#   4. print one table (learnsim-compare --table --per-pair) and test each learnt-metric network against its
+#      baseline (paired Wilcoxon: runs/demo/compare_vxm_ssd/, compare_vxm_lcc/).
+#   VXM_RUNS="ssd lcc learnt_ssd learnt_lcc"  which networks to train (default: all four)
+#   VXM_QV=0                                  skip step 3
+#   VXM_REFINE_ITERS=0                        skip the refined evaluations of step 2
 # Threads: OMP_NUM_THREADS (default 2) for training; each run uses one more process generating the pairs.
-# About 50 minutes on a quiet 2-core machine.
+# About 65 minutes on a quiet 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${LEARNSIM_DEMO_OUT:-runs/demo}"
 DATA="${LEARNSIM_DEMO_DATA:-demo_data}"
-RUNS="${VXM_RUNS:-ssd lcc learnt_ssd}"
+RUNS="${VXM_RUNS:-ssd lcc learnt_ssd learnt_lcc}"
 QV="${VXM_QV:-1}"
+REFINE_ITERS="${VXM_REFINE_ITERS:-10}" REFINE_LR="${VXM_REFINE_LR:-0.1}"
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 grid=(paths.data_dir="$DATA" data.dims=[64,64,64])
 
@@ -38,6 +42,15 @@ for name in $RUNS; do
   echo "vxm_$name: trained in $(( $(date +%s) - t0 )) s"
   learnsim-test +experiment="vxm_demo_$name" "${extra[@]}" ckpt="$OUT/train_vxm_$name/checkpoints/best.ckpt" \
     name="vxm_$name" "${grid[@]}" logger=none save_nifti=false hydra.run.dir="$OUT/test_vxm_$name"
+done
+for name in $RUNS; do  # the same networks, each prediction refined by instance optimisation
+  [ "$REFINE_ITERS" -gt 0 ] || break
+  extra=()
+  case "$name" in learnt_*) extra=(metric_ckpt="$(metric_ckpt "$name")") ;; esac
+  rm -rf "$OUT/test_vxm_${name}_refined"
+  learnsim-test +experiment="vxm_demo_$name" "${extra[@]}" ckpt="$OUT/train_vxm_$name/checkpoints/best.ckpt" \
+    name="vxm_${name}_refined" instance_optimisation_iters="$REFINE_ITERS" instance_lr="$REFINE_LR" "${grid[@]}" \
+    logger=none save_nifti=false hydra.run.dir="$OUT/test_vxm_${name}_refined"
 done
 
 qv_runs=()
@@ -58,9 +71,13 @@ fi
 
 vxm_runs=()
 for name in $RUNS; do vxm_runs+=("$OUT/test_vxm_$name"); done
+if [ "$REFINE_ITERS" -gt 0 ]; then for name in $RUNS; do vxm_runs+=("$OUT/test_vxm_${name}_refined"); done; fi
 learnsim-compare --table --per-pair "${vxm_runs[@]}" "${qv_runs[@]}"
-if [ -d "$OUT/test_vxm_ssd" ] && [ -d "$OUT/test_vxm_learnt_ssd" ]; then
-  # the learnt metric against its baseline (the first run is the reference of the paired Wilcoxon tests)
-  learnsim-compare "$OUT/test_vxm_ssd" "$OUT/test_vxm_learnt_ssd" --labels VXM_SSD VXM_learnt_SSD \
-    --out "$OUT/compare_vxm_ssd"
-fi
+for kind in ssd lcc; do
+  if [ -d "$OUT/test_vxm_$kind" ] && [ -d "$OUT/test_vxm_learnt_$kind" ]; then
+    # the learnt metric against its baseline (the first run is the reference of the paired Wilcoxon tests)
+    label=$(echo "$kind" | tr a-z A-Z)
+    learnsim-compare "$OUT/test_vxm_$kind" "$OUT/test_vxm_learnt_$kind" --labels "VXM_$label" "VXM_learnt_$label" \
+      --out "$OUT/compare_vxm_$kind"
+  fi
+done

@@ -232,6 +232,32 @@ def test_mismatched_learnt_metric_is_refused(tmp_path):
         )
 
 
+def test_lcc_radius_widens_a_learnt_lcc_window(tmp_path):
+    """lcc_radius keeps the learnt features and precision, changes only the window; it survives a checkpoint."""
+    from learnsim.energies import lcc
+
+    ckpt = _fake_metric_ckpt(tmp_path / "lcc.ckpt", kind="cnn_lcc")
+    learnt = load_metric(ckpt)
+    module = VoxelMorphModule(VoxelMorphNet(**SMALL), metric_ckpt=str(ckpt), dims=SHAPE, lcc_radius=3)
+    assert module.metric.energy.radius == 3 and module.hparams["metric_spec"]["radius"] == 3
+    assert learnt.energy.radius == 1 and module.metric.energy.weight == learnt.energy.weight
+    assert all(torch.equal(p, q) for p, q in zip(module.metric.parameters(), learnt.parameters(), strict=True))
+    batch = _pair_data()
+    f, m = batch["fixed"][:1], batch["moving"][:1]
+    with torch.no_grad():
+        expected = learnt.energy.weight * lcc(learnt.features(f), learnt.features(m), None, 3, None)
+        assert torch.allclose(module.data_energy(f, m), expected)
+        assert not torch.allclose(module.data_energy(f, m), learnt.energy_from_features(
+            learnt.features(f), learnt.features(m), None))
+    rebuilt = VoxelMorphModule(module.net.config, metric_spec=module.hparams["metric_spec"], dims=SHAPE)
+    assert rebuilt.metric.energy.radius == 3
+    with pytest.raises(ValueError, match="lcc_radius is for LCC"):
+        VoxelMorphModule(VoxelMorphNet(**SMALL), metric_ckpt=str(_fake_metric_ckpt(tmp_path / "s.ckpt")),
+                         dims=SHAPE, lcc_radius=4)
+    with pytest.raises(ValueError, match="lcc_radius must be >= 1"):
+        VoxelMorphModule(VoxelMorphNet(**SMALL), metric_ckpt=str(ckpt), dims=SHAPE, lcc_radius=0)
+
+
 def test_mean_dice():
     a = torch.tensor([0, 1, 1, 2, 2, 2])
     assert mean_dice(a, a).item() == 1.0

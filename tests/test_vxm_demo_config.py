@@ -39,7 +39,7 @@ def test_demo_experiments(experiment, kind, weight, w_reg, radius):
     assert module.hparams["net"]["int_downsize"] == 4 and module.hparams["net"]["res_level"] == 2
 
 
-@pytest.mark.parametrize("experiment", ["vxm_demo_learnt_ssd"])
+@pytest.mark.parametrize("experiment", ["vxm_demo_learnt_ssd", "vxm_demo_learnt_lcc"])
 def test_learnt_demo_experiment_needs_a_checkpoint(experiment):
     with pytest.raises(Exception, match="metric_ckpt"):
         instantiate(_compose([f"+experiment={experiment}", "data.dims=[32,32,32]"]).model)

@@ -272,6 +272,22 @@ def _freeze(metric: SimilarityMetric) -> SimilarityMetric:
     return metric.eval()
 
 
+def _with_lcc_radius(metric: SimilarityMetric, radius: int) -> SimilarityMetric:
+    """``metric`` (its weights, scale and precision) with an LCC window of radius ``radius`` (voxels)."""
+    spec = dict(metric.spec)
+    if "radius" not in spec:
+        raise ValueError(f"VoxelMorphModule: lcc_radius is for LCC metrics; the metric is {spec['kind']}")
+    if radius < 1 or spec.get("learnable_window"):
+        raise ValueError(
+            f"VoxelMorphModule: lcc_radius must be >= 1 and the metric's window not learnt; got {radius}, "
+            f"learnable_window={spec.get('learnable_window')}"
+        )
+    spec["radius"] = radius
+    out = SimilarityMetric.from_spec(spec)
+    out.load_state_dict(metric.state_dict())  # the window is not in the state dict: it follows the radius
+    return out
+
+
 class VoxelMorphModule(pl.LightningModule):
     """VoxelMorph training on ``E(F, M o phi_v) + R(v)`` with a frozen similarity metric.
 
@@ -299,6 +315,10 @@ class VoxelMorphModule(pl.LightningModule):
             ``estimated_stepping_batches``: set ``trainer.max_steps``); the decay settles the step-to-step noise
             of batch-1 training on random pairs at the end of a short run.
         lr_final: the final learning rate of the cosine schedule as a fraction of ``lr`` (0.05).
+        lcc_radius: an LCC metric's window radius for this network (voxels; None: the metric's own). A learnt
+            CNN_LCC is learnt with the q_v fits' 3^3 window; an amortised network needs a wider one (VoxelMorph's
+            9^3, radius 4), so the learnt features can be compared in the baseline network's window. Stored in
+            the metric's spec, so a checkpoint rebuilds the same energy.
 
     Loss per batch (see the module docstring): ``mean_b [E(F, M_b o phi_b; mask) + R(v_b)] / (D H W)``.
     """
@@ -316,6 +336,7 @@ class VoxelMorphModule(pl.LightningModule):
         instance_lr: float = 0.01,
         lr_schedule: str = "constant",
         lr_final: float = 0.05,
+        lcc_radius: int | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -347,6 +368,8 @@ class VoxelMorphModule(pl.LightningModule):
             raise TypeError(
                 f"VoxelMorphModule: metric must be a learnsim.metric.SimilarityMetric; got {type(resolved).__name__}"
             )
+        if lcc_radius is not None:
+            resolved = _with_lcc_radius(resolved, int(lcc_radius))
         self.metric = _freeze(resolved)
         if reg_loss is None:
             reg_loss = RegLossL2()
