@@ -74,10 +74,12 @@ for name in $RUNS; do vxm_runs+=("$OUT/test_vxm_$name"); done
 if [ "$REFINE_ITERS" -gt 0 ]; then for name in $RUNS; do vxm_runs+=("$OUT/test_vxm_${name}_refined"); done; fi
 learnsim-compare --table --per-pair "${vxm_runs[@]}" "${qv_runs[@]}"
 for kind in ssd lcc; do
-  if [ -d "$OUT/test_vxm_$kind" ] && [ -d "$OUT/test_vxm_learnt_$kind" ]; then
-    # the learnt metric against its baseline (the first run is the reference of the paired Wilcoxon tests)
-    label=$(echo "$kind" | tr a-z A-Z)
-    learnsim-compare "$OUT/test_vxm_$kind" "$OUT/test_vxm_learnt_$kind" --labels "VXM_$label" "VXM_learnt_$label" \
-      --out "$OUT/compare_vxm_$kind"
-  fi
+  for how in "" _refined; do
+    if [ -d "$OUT/test_vxm_$kind$how" ] && [ -d "$OUT/test_vxm_learnt_$kind$how" ]; then
+      # the learnt metric against its baseline (the first run is the reference of the paired Wilcoxon tests)
+      label=$(echo "$kind" | tr a-z A-Z)
+      learnsim-compare "$OUT/test_vxm_$kind$how" "$OUT/test_vxm_learnt_$kind$how" --labels "VXM_$label$how" \
+        "VXM_learnt_$label$how" --out "$OUT/compare_vxm_$kind$how"
+    fi
+  done
 done
