@@ -153,3 +153,39 @@ def test_velocity_lands_where_the_features_were_computed():
     # full response at voxel 56 (the decoder's nearest up-sampling also spreads it over the next coarse cell);
     # the align_corners resize would read node 13.3 there and reach a third of it
     assert v[56] == v.max() > 0 and v[:53].abs().max() == 0
+
+
+@pytest.mark.parametrize("experiment", ["vxm_demo_ssd", "demo"])
+def test_last_ckpt_is_the_end_of_training_not_the_best(experiment, tmp_path):
+    """The best-DSC experiments keep best.ckpt and a last.ckpt of the final epoch (Lightning's own save_last writes
+    last.ckpt only in epochs that improve the best); learnsim-train reports the final one."""
+    import lightning.pytorch as pl
+
+    from learnsim.cli.train import last_checkpoint
+
+    cfg = _compose([f"+experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if name != "progress_bar"]
+
+    class Falling(pl.LightningModule):  # val/dsc 0.9, 0.8, 0.7: epoch 0 stays the best
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1.0).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/dsc", 0.9 - 0.1 * self.current_epoch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
+    trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(Falling(), train_dataloaders=data, val_dataloaders=data)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "best.ckpt", weights_only=False)["epoch"] == 0
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert last_checkpoint(trainer) == str(ckpts / "last.ckpt")

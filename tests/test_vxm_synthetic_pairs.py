@@ -183,3 +183,28 @@ def test_atlas_fraction_deforms_the_atlas_with_its_labels(cohort):
     assert all(int(it["source_index"]) >= 0 for it in (_stream(cohort, seed=0)[k] for k in range(6)))
     with pytest.raises(ValueError, match="atlas_fraction"):
         _stream(cohort, atlas_fraction=1.5)
+
+
+def test_loader_workers_start_clean_after_parallel_kernels(cohort):
+    """A worker started after the parent ran a parallel kernel still generates pairs: workers are spawned, not
+    forked (a forked worker inherits GNU OpenMP's pool state and hangs in its first parallel region)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch
+        from learnsim import spatial
+        from learnsim.data.datamodule import PairDataModule
+        spatial.integrate_svf(torch.randn(1, 3, 24, 24, 24), 6)  # the parent's thread pools are running now
+        dm = PairDataModule({str(cohort / 'train.csv')!r}, {str(cohort / 'val.csv')!r}, {str(cohort / 'test.csv')!r},
+                            dims={N}, batch_size=1, on_the_fly=True, items_per_epoch=2, num_workers=1)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        assert loader.multiprocessing_context.get_start_method() == "spawn"
+        batch = next(iter(loader))
+        assert batch["moving"].shape == (1, 1, {N}, {N}, {N})
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

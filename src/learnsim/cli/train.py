@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import hydra
 import lightning.pytorch as pl
@@ -24,6 +25,13 @@ def build_logger(cfg: DictConfig):
     return instantiate(cfg.logger)
 
 
+def last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The checkpoint written last by any of the trainer's ModelCheckpoint callbacks (the end of training), or None."""
+    paths = {p for c in trainer.checkpoint_callbacks for p in (c.last_model_path, c.best_model_path) if p}
+    paths = [p for p in paths if os.path.isfile(p)]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
 def train(cfg: DictConfig) -> dict:
     """Run training for a composed config; returns the trainer's last logged metrics and the checkpoint path."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -36,7 +44,7 @@ def train(cfg: DictConfig) -> dict:
     if logger:
         logger.log_hyperparams(to_container(cfg))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+    ckpt = last_checkpoint(trainer)
     if trainer.is_global_zero:
         log.info("last checkpoint: %s", ckpt)
         print(f"learnsim-train: last checkpoint {ckpt}")

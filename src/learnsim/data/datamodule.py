@@ -34,6 +34,13 @@ def _given(path: str | os.PathLike | None) -> bool:
     return path is not None and str(path) not in ("", "None", "null")
 
 
+def _worker_context(num_workers: int) -> str | None:
+    """Start loader workers with ``spawn``, not ``fork``: a worker forked after the parent ran a parallel numba kernel
+    inherits GNU OpenMP's thread pool state and hangs in its first parallel region (seen as a training that stops
+    at step 0 with both processes idle)."""
+    return "spawn" if num_workers > 0 else None
+
+
 class PairDataModule(pl.LightningDataModule):
     """Train/val/test pair lists -> dataloaders of :data:`learnsim.data.dataset.BATCH_KEYS` dicts.
 
@@ -155,6 +162,7 @@ class PairDataModule(pl.LightningDataModule):
             sampler=RankShardSampler(len(ds), rank, world, shuffle=shuffle, seed=self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=_worker_context(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -168,6 +176,7 @@ class PairDataModule(pl.LightningDataModule):
                 sampler=StreamSampler(len(self.train_set), rank, world, epoch_fn=epoch_fn),
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
+                multiprocessing_context=_worker_context(self.num_workers),
             )
         return self._loader(self.train_set, "train", self.batch_size, self.shuffle)
 
