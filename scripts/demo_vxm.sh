@@ -36,21 +36,17 @@ metric_ckpt() {  # the demo's learnt metric of a vxm run name (learnt_ssd -> run
 for name in $RUNS; do
   extra=()
   case "$name" in learnt_*) extra=(metric_ckpt="$(metric_ckpt "$name")") ;; esac
-  rm -rf "$OUT/train_vxm_$name" "$OUT/test_vxm_$name"
+  rm -rf "$OUT/train_vxm_$name" "$OUT/test_vxm_$name" "$OUT/test_vxm_${name}_refined"
   t0=$(date +%s)
   learnsim-train +experiment="vxm_demo_$name" "${extra[@]}" "${grid[@]}" logger=csv hydra.run.dir="$OUT/train_vxm_$name"
   echo "vxm_$name: trained in $(( $(date +%s) - t0 )) s"
-  learnsim-test +experiment="vxm_demo_$name" "${extra[@]}" ckpt="$OUT/train_vxm_$name/checkpoints/best.ckpt" \
-    name="vxm_$name" "${grid[@]}" logger=none save_nifti=false hydra.run.dir="$OUT/test_vxm_$name"
-done
-for name in $RUNS; do  # the same networks, each prediction refined by instance optimisation
-  [ "$REFINE_ITERS" -gt 0 ] || break
-  extra=()
-  case "$name" in learnt_*) extra=(metric_ckpt="$(metric_ckpt "$name")") ;; esac
-  rm -rf "$OUT/test_vxm_${name}_refined"
-  learnsim-test +experiment="vxm_demo_$name" "${extra[@]}" ckpt="$OUT/train_vxm_$name/checkpoints/best.ckpt" \
-    name="vxm_${name}_refined" instance_optimisation_iters="$REFINE_ITERS" instance_lr="$REFINE_LR" "${grid[@]}" \
-    logger=none save_nifti=false hydra.run.dir="$OUT/test_vxm_${name}_refined"
+  test_args=(+experiment="vxm_demo_$name" "${extra[@]}" ckpt="$OUT/train_vxm_$name/checkpoints/best.ckpt" "${grid[@]}"
+             logger=none save_nifti=false)
+  learnsim-test "${test_args[@]}" name="vxm_$name" hydra.run.dir="$OUT/test_vxm_$name"
+  if [ "$REFINE_ITERS" -gt 0 ]; then  # the same network, each prediction refined by instance optimisation
+    learnsim-test "${test_args[@]}" name="vxm_${name}_refined" instance_optimisation_iters="$REFINE_ITERS" \
+      instance_lr="$REFINE_LR" hydra.run.dir="$OUT/test_vxm_${name}_refined"
+  fi
 done
 
 qv_runs=()

@@ -34,13 +34,6 @@ def _given(path: str | os.PathLike | None) -> bool:
     return path is not None and str(path) not in ("", "None", "null")
 
 
-def _worker_context(num_workers: int) -> str | None:
-    """Start loader workers with ``spawn``, not ``fork``: a worker forked after the parent ran a parallel numba kernel
-    inherits GNU OpenMP's thread pool state and hangs in its first parallel region (seen as a training that stops
-    at step 0 with both processes idle)."""
-    return "spawn" if num_workers > 0 else None
-
-
 class PairDataModule(pl.LightningDataModule):
     """Train/val/test pair lists -> dataloaders of :data:`learnsim.data.dataset.BATCH_KEYS` dicts.
 
@@ -152,6 +145,14 @@ class PairDataModule(pl.LightningDataModule):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
+    def _worker_options(self) -> dict:
+        """DataLoader worker settings: ``num_workers`` persistent workers, started with ``spawn``, not ``fork`` (a
+        worker forked after the parent ran a parallel numba kernel inherits GNU OpenMP's pool state and dies, or hangs
+        in its first parallel region: a training that stops at step 0 with both processes idle)."""
+        if self.num_workers == 0:
+            return {"num_workers": 0}
+        return {"num_workers": self.num_workers, "persistent_workers": True, "multiprocessing_context": "spawn"}
+
     def _loader(self, ds: PairDataset | None, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"PairDataModule: no {name} pair list given (or setup() not called)")
@@ -160,9 +161,7 @@ class PairDataModule(pl.LightningDataModule):
             ds,
             batch_size=batch_size,
             sampler=RankShardSampler(len(ds), rank, world, shuffle=shuffle, seed=self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            multiprocessing_context=_worker_context(self.num_workers),
+            **self._worker_options(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -174,9 +173,7 @@ class PairDataModule(pl.LightningDataModule):
                 self.train_set,
                 batch_size=self.batch_size,
                 sampler=StreamSampler(len(self.train_set), rank, world, epoch_fn=epoch_fn),
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                multiprocessing_context=_worker_context(self.num_workers),
+                **self._worker_options(),
             )
         return self._loader(self.train_set, "train", self.batch_size, self.shuffle)
 
