@@ -47,13 +47,17 @@ def test_overwrite_never_replaces_a_folder_learnsim_did_not_write(pair, tmp_path
     with pytest.raises(SystemExit, match="not a learnsim-register output"):
         _cli(pair, out, "--overwrite")
     assert (out / "thesis.tex").read_text() == "precious"
-    # a previous learnsim output is replaced, and carries the marker again
+    # a previous learnsim output is replaced, and carries the marker again; not while it holds a file learnsim
+    # did not write (issue 29: refused, naming the file)
     out2 = tmp_path / "reg"
     _cli(pair, out2)
     (out2 / "stale.txt").write_text("from the first run")
+    with pytest.raises(SystemExit, match=r"did not write \(stale.txt\)"):
+        _cli(pair, out2, "--overwrite")
+    assert (out2 / "stale.txt").read_text() == "from the first run"
+    (out2 / "stale.txt").unlink()
     _cli(pair, out2, "--overwrite")
     assert (out2 / register_cli.MARKER).is_file() and (out2 / "warped.nii.gz").is_file()
-    assert not (out2 / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -16,15 +16,19 @@ import inspect
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from learnsim.api import checkpoint_settings, load_checkpoint, register, register_schedule
+from learnsim.api import checkpoint_settings, load_checkpoint, register, register_schedule, resolve_device
+from learnsim.checkpoint import ModuleKind, checkpoint_module
 from learnsim.defaults import REGISTER_METRIC
+from learnsim.interrupt import disk_error, interrupt_status, sigterm_as_interrupt
 from learnsim.io import save_nifti
+from learnsim.outputs import MARKER as MARKER  # re-exported: the marker of a learnsim-register output
+from learnsim.outputs import check_replaceable, make_stage, publish, write_marker
+from learnsim.ranges import check_register_settings
 
 # overrides accepted as key=value (the keyword arguments of learnsim.register)
 _OVERRIDABLE = {
@@ -36,25 +40,19 @@ _OVERRIDABLE = {
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-#: the file that marks a folder as a learnsim-register output: only such a folder is ever replaced (--overwrite)
-MARKER = ".learnsim-output"
+_PROG = "learnsim-register"
+#: what a learnsim-register output held before its marker named its files (an older marker stands for these)
+_LEGACY_OUTPUTS = ("warped.nii.gz", "warped_seg.nii.gz", "disp_mm.nii.gz", "uncertainty_mm.nii.gz", "registration.json",
+                   "output_grid.png", "label_overlay.png")
 
 
 def _check_overwrite(out: Path) -> None:
-    """Refuse to replace anything but a previous learnsim-register output (a folder holding :data:`MARKER`).
+    """Refuse to replace anything but a previous learnsim-register output holding only what it wrote (a folder
+    whose :data:`~learnsim.outputs.MARKER` names its files; anything else in it is listed).
 
     ``/``, the home folder, the working directory and its parents are refused whatever they hold.
     """
-    target = out.resolve()
-    cwd = Path.cwd().resolve()
-    if target == Path(target.anchor) or target == Path.home().resolve() or target == cwd or target in cwd.parents:
-        raise SystemExit(f"learnsim-register: --out {out} is {target}, the root, home or working folder or a parent of it; "
-                         "refusing to replace it (choose a new folder)")
-    if not target.is_dir():
-        raise SystemExit(f"learnsim-register: --out {out} exists and is not a folder; refusing to replace it")
-    if not (target / MARKER).is_file():
-        raise SystemExit(f"learnsim-register: --out {out} exists but is not a learnsim-register output (no {MARKER} "
-                         "file); refusing to replace it with --overwrite")
+    check_replaceable(out, _PROG, _LEGACY_OUTPUTS)
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -146,16 +144,21 @@ def _energy(metric: str) -> str:
     if str(metric).endswith(".ckpt"):
         spec = (load_checkpoint(metric).get("hyper_parameters") or {}).get("metric_spec") or {}
         return "lcc" if "lcc" in str(spec.get("kind", "")) else "ssd"
-    return "lcc" if "lcc" in str(metric) else "ssd"
+    return "lcc" if "lcc" in str(metric).lower() else "ssd"  # build_metric reads the name in any case
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        # the staging folder is removed on the way out (see _main); nothing half-written stays behind
+        with sigterm_as_interrupt():
+            return _main(argv)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C or SIGTERM: the staging folder is removed on the way out (see _write_outputs)
         print("learnsim-register: interrupted; nothing written", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(interrupt_status(exc)) from None
+    except OSError as exc:
+        if (line := disk_error(exc)) is None:
+            raise
+        raise SystemExit(f"learnsim-register: {line}; nothing written") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,9 +177,30 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _checkpoint_defaults(metric: str, kwargs: dict) -> None:
+    """Fill ``kwargs`` with the checkpoint's own intensity handling and number of squarings, unless given here;
+    a VoxelMorph checkpoint (no learnt metric in it) or an unreadable file ends the program with one line."""
+    try:
+        ckpt = load_checkpoint(metric)
+        if checkpoint_module(ckpt) is ModuleKind.VOXELMORPH:
+            raise ValueError(f"{metric}: a VoxelMorph checkpoint holds no learnt metric (only its frozen "
+                             "baseline); give a learnsim-train checkpoint, or evaluate it with learnsim-test ckpt=...")
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"learnsim-register: --metric {exc}") from exc
+    for key, value in checkpoint_settings(ckpt).items():
+        if key not in kwargs:
+            kwargs[key] = value
+            print(f"learnsim-register: {key}={value} from the checkpoint's training run")
+
+
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     kwargs = _parse_overrides(args.overrides)
+    try:  # every number against the shared table (learnsim.ranges) and the device, before anything runs
+        check_register_settings(kwargs)
+        resolve_device(kwargs.get("device", "auto"))
+    except ValueError as exc:
+        raise SystemExit(f"learnsim-register: {exc}") from exc
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"learnsim-register: {out} exists (use --overwrite)")
@@ -188,16 +212,7 @@ def _main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"learnsim-register: {label} file {path} does not exist")
 
     if str(args.metric).endswith(".ckpt"):
-        # the checkpoint's own intensity handling and number of squarings, unless given here
-        try:
-            ckpt = load_checkpoint(args.metric)
-        except (ValueError, FileNotFoundError) as exc:
-            raise SystemExit(f"learnsim-register: --metric {exc}") from exc
-        for key, value in checkpoint_settings(ckpt).items():
-            if key not in kwargs:
-                kwargs[key] = value
-                print(f"learnsim-register: {key}={value} from the checkpoint's training run")
-        del ckpt
+        _checkpoint_defaults(args.metric, kwargs)
 
     from learnsim.registration import FitProgress
 
@@ -222,8 +237,7 @@ def _main(argv: list[str] | None = None) -> int:
 def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched, start: float) -> str:
     """Write the NIfTI maps, ``registration.json`` and figures to a staging folder, then rename it to ``out``
     (replacing a previous learnsim-register output); returns the summary line."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    stage = make_stage(out)
     try:
         aff = res.affine
         save_nifti(stage / "warped.nii.gz", res.warped[0, 0].numpy(), aff, np.float32)
@@ -244,15 +258,9 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
         if not args.no_figures:
             info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
         (stage / "registration.json").write_text(json.dumps(info, indent=2, default=str))
-        (stage / MARKER).write_text("written by learnsim-register; --overwrite may replace this folder\n")
-        if out.exists():
-            _check_overwrite(out)  # checked again: the folder may have changed during the fit
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            stage.rename(out)
-            shutil.rmtree(old)
-        else:
-            stage.rename(out)
+        write_marker(stage, _PROG)
+        # checked again: the folder may have appeared or changed during the fit (another run with the same --out)
+        publish(stage, out, args.overwrite, _PROG, _LEGACY_OUTPUTS)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

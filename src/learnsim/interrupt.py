@@ -1,0 +1,56 @@
+"""Ending a command cleanly: SIGTERM handled like Ctrl-C, and one line for a full or read-only disk.
+
+Python's default SIGTERM action ends the process at once, so no ``finally`` runs: a staging folder
+(``.OUT.partial-*``) or a temporary file would stay behind. Inside :func:`sigterm_as_interrupt` SIGTERM raises
+:class:`Terminated` (a ``KeyboardInterrupt``) instead, so the clean-up that Ctrl-C gets runs too; the command then
+ends with status 143 (128 + SIGTERM), Ctrl-C with 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+__all__ = ["Terminated", "sigterm_as_interrupt", "interrupt_status", "disk_error"]
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM inside :func:`sigterm_as_interrupt`."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_status(exc: BaseException) -> int:
+    """The exit status of an interrupted command: 143 for SIGTERM (:class:`Terminated`), 130 for Ctrl-C."""
+    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+
+
+#: errors of the disk, not of the program: reported in one line, never as a traceback
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """One line for a full, over-quota or read-only disk (naming the file where known); None for other errors."""
+    if not isinstance(exc, OSError) or exc.errno not in _DISK_ERRNOS:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where} (free some space or choose another output folder)"
