@@ -135,7 +135,8 @@ class _Integrate(torch.autograd.Function):
             acc = accs[k % 2]
             acc.zero_()
             reach = float(ctx.reach[k])
-            m = int(math.ceil(reach)) + 1 if math.isfinite(reach) else d
+            # a row reaching past the grid (or a NaN/inf field) scatters anywhere: one slab, run serially
+            m = min(int(math.ceil(reach)) + 1, d) if math.isfinite(reach) else d
             K.squaring_backward(flat[k], _np(g), _np(acc), *grid, max(2 * m, 1))
             g = acc
         dv = torch.empty((b, 3, d, h, w), dtype=g.dtype)

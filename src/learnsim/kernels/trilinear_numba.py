@@ -40,8 +40,12 @@ def _axis(p, top, zero, one):
     lower tap, the upper tap (kept in range: its weight is exactly 0 whenever it would leave the grid) and the
     fractional weight. Taps are unsigned (``uint64``): with signed indices numba guards every load against
     negative (wrap-around) indexing, which cost 40 % of a squaring step; ``f`` stays in the field's dtype
-    (``p - floor(p)`` is exact)."""
-    if p <= zero:
+    (``p - floor(p)`` is exact).
+
+    A NaN coordinate fails every comparison: ``not (p > zero)`` sends it to the lower border (gradient 0) like
+    ``-inf``, so that whatever the values (NaN, inf, 1e30) the taps stay on the grid; the sample then reads a
+    border voxel and the NaN stays visible in the field itself."""
+    if not (p > zero):  # p <= 0, or NaN
         p = zero
         g = zero
     elif p >= top:
@@ -174,7 +178,9 @@ def squaring_forward(u, out, cz, cy, cx, unit, row_reach):
             base = (z * nh + y) * nw
             for x in range(nw):
                 i = np.uint64(3 * (base + x))  # unsigned: no wrap-around guard on the loads
-                reach = max(reach, abs(a[i]))
+                ra = abs(a[i])
+                if not (ra <= reach) and reach == reach:  # NaN-aware max: one NaN makes the row's reach NaN
+                    reach = ra
                 o00, o01, o10, o11, x0, x1, fz, fy, fx, _gz, _gy, _gx = _corners(
                     cz, cy, cx, z, y, x, a[i], a[i + u1], a[i + u2], nh, nw, zero, one
                 )
