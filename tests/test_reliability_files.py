@@ -121,3 +121,49 @@ def test_disk_full_is_one_line_and_leaves_nothing(pair, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^learnsim-register: No space left on device writing .*warped.nii.gz"):
         _cli(pair, tmp_path / "reg")
     assert not (tmp_path / "reg").exists() and _hidden(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- 1: cohort folders
+def test_demo_refuses_a_folder_that_is_not_a_cohort_and_deletes_nothing(tmp_path, monkeypatch, capsys):
+    from learnsim.cli import data as data_cli
+
+    def no_network(*a, **k):
+        raise AssertionError("the folder must be refused before anything is fetched")
+
+    monkeypatch.setattr("learnsim.data.demo.fetch", no_network)
+    home = tmp_path / "home"
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / ".thesis.partial.tex").write_text("chapter 3")
+    (home / "train.csv").write_text("my own list")
+    assert data_cli.main(["demo", "--dims", "8", "--out", str(home)]) == 1
+    err = capsys.readouterr().err
+    assert "not a learnsim cohort" in err and "train.csv" in err and "Traceback" not in err
+    assert (home / "thesis" / ".thesis.partial.tex").read_text() == "chapter 3"
+    assert (home / "train.csv").read_text() == "my own list"
+
+
+def test_rebuild_removes_only_learnsims_own_partial_files(ukbb_root, tmp_path):
+    from learnsim.data.cohort import COHORT_MARKER
+    from learnsim.data.ukbb import build_ukbb
+
+    out = tmp_path / "cohort"
+    build = partial(build_ukbb, ukbb_root, "1000", ["1001"], out, dims=12, log=lambda *a, **k: None)
+    build()
+    assert (out / COHORT_MARKER).is_file()
+    mine = out / "subjects" / "1001" / ".image.ab12cd_9.partial.nii.gz"  # what a killed build leaves
+    mine.write_bytes(b"half a file")
+    users = [out / ".thesis.partial.tex", out / "subjects" / ".notes.abcdefgh.partial.txt",
+             out / "subjects" / "1001" / ".image.partial.nii.gz"]
+    for f in users:
+        f.write_text("the user's")
+    build()
+    assert not mine.exists()
+    assert all(f.read_text() == "the user's" for f in users)
+    # a folder that is not a cohort is refused; an empty one is taken
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train.csv").write_text("mine")
+    with pytest.raises(ValueError, match="not a learnsim cohort"):
+        build_ukbb(ukbb_root, "1000", ["1001"], tmp_path / "other", dims=12, log=lambda *a, **k: None)
+    assert (tmp_path / "other" / "train.csv").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    build_ukbb(ukbb_root, "1000", ["1001"], tmp_path / "empty", dims=12, log=lambda *a, **k: None)

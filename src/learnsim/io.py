@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_path", "save_nifti", "load_nifti", "sha256_file"]
+__all__ = ["atomic_path", "partial_pattern", "save_nifti", "load_nifti", "sha256_file"]
+
+
+def _partial_parts(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of :func:`atomic_path`'s temporary name for ``path`` (the random part goes between)."""
+    # keep the suffixes so writers that infer a format from the name (nibabel: .nii.gz) still work
+    return f".{path.name.split('.')[0]}.", f".partial{''.join(path.suffixes)}"
+
+
+def partial_pattern(path: str | os.PathLike) -> re.Pattern[str]:
+    """The names :func:`atomic_path` gives the temporary files of ``path`` (``.<stem>.<8 random>.partial<suffixes>``),
+    as a regular expression matching a file name in ``path``'s folder and nothing else."""
+    prefix, suffix = _partial_parts(Path(path))
+    return re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))
 
 
 @contextlib.contextmanager
@@ -25,9 +39,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffixes so writers that infer a format from the name (nibabel: .nii.gz) still work
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".partial{suffix}", dir=path.parent)
+    prefix, suffix = _partial_parts(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     # mkstemp creates 0600 files; outputs should get the usual permissions (0666 minus the umask)
     umask = os.umask(0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +22,13 @@ import numpy as np
 
 from learnsim.data.preprocess import Preprocessed
 from learnsim.data.progress import Progress
-from learnsim.io import atomic_path, save_nifti, sha256_file
+from learnsim.io import atomic_path, partial_pattern, save_nifti, sha256_file
 
 __all__ = [
     "CSV_COLUMNS",
+    "COHORT_MARKER",
+    "cohort_layout",
+    "open_cohort",
     "remove_partials",
     "write_subject",
     "write_text",
@@ -45,13 +48,74 @@ SPLITS = ("train", "val", "test")
 CSV_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_seg", "moving_seg")
 
 
-def remove_partials(root: Path) -> list[Path]:
-    """Delete temporary files an interrupted (killed) run left behind (``learnsim.io.atomic_path`` names them
-    ``.<name>.<random>.partial<suffix>``); returns what was removed."""
+#: the file marking a folder as a learnsim cohort (JSON: the builder and the files it writes there)
+COHORT_MARKER = ".learnsim-cohort"
+_TOP_FILES = ("manifest.json", "train.csv", "val.csv", "test.csv", "atlas/COPYING", COHORT_MARKER)
+#: what the ``what`` field of a manifest written before the marker existed starts with
+_LEGACY_WHAT = ("learnsim demo cohort", "UK Biobank-style cohort")
+
+
+def cohort_layout(folders: Iterable[str], image_name: str = "t1.nii.gz") -> set[str]:
+    """The files a cohort build may write (relative paths): the top-level files, and in each subject ``folder``
+    (``atlas``, ``subjects/<id>``) the image, ``mask.nii.gz`` and ``seg.nii.gz``."""
+    return {*_TOP_FILES, *(f"{d}/{n}" for d in folders for n in (image_name, "mask.nii.gz", "seg.nii.gz"))}
+
+
+def _cohort_files(root: Path) -> set[str] | None:
+    """The files the cohort marker of ``root`` names; for a cohort written before the marker existed, those its
+    manifest names; None when ``root`` is not a learnsim cohort."""
+    marker = read_manifest(root / COHORT_MARKER)
+    if isinstance(marker.get("files"), list):
+        return {str(f) for f in marker["files"]}
+    manifest = read_manifest(root / "manifest.json")
+    if str(manifest.get("what", "")).startswith(_LEGACY_WHAT):
+        volumes = [e for e in manifest.get("volumes", []) if isinstance(e, dict)]
+        return {*_TOP_FILES, *(str(f) for e in volumes for f in e.get("files", {}))}
+    return None
+
+
+def open_cohort(root: Path, builder: str, files: Iterable[str]) -> list[Path]:
+    """Claim ``root`` for a cohort build; returns the temporary files of an interrupted build it removed.
+
+    ``root`` must be new, empty or a learnsim cohort (a folder holding :data:`COHORT_MARKER`, or a manifest of an
+    older learnsim cohort): any other folder is refused, so a build never replaces a user's ``train.csv`` or
+    images, nor walks a home folder. Then the marker is written naming the files this build writes (``files``,
+    from :func:`cohort_layout`) and those the marker named before; only their temporary files are ever removed.
+
+    Raises:
+        ValueError: naming ``root`` and a few of its entries, when it is a non-empty folder that is not a cohort.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: exists and is not a folder; refusing to write a cohort there")
+    root.mkdir(parents=True, exist_ok=True)
+    known = _cohort_files(root)
+    if known is None:
+        entries = sorted(p.name for p in root.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise ValueError(f"{root}: not empty ({shown}) and not a learnsim cohort (no {COHORT_MARKER}); "
+                             "refusing to write a cohort into it (choose a new or empty folder)")
+        known = set()
+    named = known | set(files)
+    removed = remove_partials(root, named)
+    write_json(root / COHORT_MARKER, {"written_by": builder, "files": sorted(named)})
+    return removed
+
+
+def remove_partials(root: Path, files: Iterable[str]) -> list[Path]:
+    """Delete the temporary files an interrupted (killed) run left behind for ``files`` (paths relative to
+    ``root``): only names :func:`learnsim.io.atomic_path` gives them (``.<stem>.<8 random>.partial<suffixes>``),
+    in those files' own folders, nothing else; returns what was removed."""
     gone = []
-    if root.is_dir():
-        for p in sorted(root.rglob(".*.partial*")):
-            if p.is_file():
+    by_folder: dict[Path, list] = {}
+    for rel in files:
+        by_folder.setdefault((root / rel).parent, []).append(partial_pattern(root / rel))
+    for folder, patterns in sorted(by_folder.items()):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in sorted(folder.iterdir()):
+            if any(pat.fullmatch(p.name) for pat in patterns) and p.is_file() and not p.is_symlink():
                 p.unlink()
                 gone.append(p)
     return gone

@@ -45,7 +45,14 @@ from scipy import ndimage
 
 from learnsim import spatial
 from learnsim.data import labels as L
-from learnsim.data.cohort import CSV_COLUMNS, PlannedSubject, read_entries, remove_partials, write_cohort
+from learnsim.data.cohort import (
+    CSV_COLUMNS,
+    PlannedSubject,
+    cohort_layout,
+    open_cohort,
+    read_entries,
+    write_cohort,
+)
 from learnsim.data.preprocess import (
     Grid,
     Preprocessed,
@@ -412,12 +419,12 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
     """
     t0 = time.time()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, dims=as_dims(cfg.dims), out=out)
-    for p in remove_partials(out):
+    plan = _plan(cfg)
+    # refuses a non-empty folder that is not a learnsim cohort; removes only our own temporary files
+    for p in open_cohort(out, "learnsim-data demo", cohort_layout(["atlas", *(f"subjects/{q.id}" for q in plan)])):
         log(f"[learnsim-data] removed {p} (left by an interrupted run)")
     old_ids = set(read_entries(out / "manifest.json"))
-    plan = _plan(cfg)
     paths, sources = _fetch_sources(cfg, plan, log)
     # the grid from the atlas header only; its preprocessing is needed only if anything has to be (re)built
     header = Grid.from_nifti(paths[ATLAS.image])

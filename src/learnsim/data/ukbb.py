@@ -21,8 +21,9 @@ from pathlib import Path
 
 from learnsim.data.cohort import (
     PlannedSubject,
+    cohort_layout,
+    open_cohort,
     pair_row,
-    remove_partials,
     write_cohort,
     write_json,
     write_pairs_csv,
@@ -150,9 +151,10 @@ def build_ukbb(
             log(f"[learnsim-data] {split}: leaving out the atlas {atlas_id} (it is the fixed image)")
             splits[split] = [s for s in ids if s != atlas_id]
 
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    remove_partials(out)
+    # refuses a non-empty folder that is not a learnsim cohort; removes only our own temporary files
+    folders = ["atlas", *(f"subjects/{sid}" for ids in splits.values() for sid in ids)]
+    open_cohort(out, "learnsim-data ukbb", cohort_layout(folders, "image.nii.gz"))
     if link_originals:
         return _link_originals(root, atlas_id, splits, names, dims, out, log)
 
