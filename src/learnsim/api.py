@@ -23,6 +23,8 @@ from learnsim.defaults import (
 from learnsim.energies import EnergyKind
 from learnsim.grid import affine_to_tensor
 from learnsim.metric import SimilarityMetric, build_metric
+from learnsim.metric_checkpoint import check_metric_finite, load_learnt_metric
+from learnsim.ranges import check_register_settings
 from learnsim.registration import FitResult, LevelSchedule, VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
@@ -80,10 +82,24 @@ def register_schedule(
     return LevelSchedule.make(levels, level_iters[-1] if level_iters else 1, 1.0, level_iters, [float(x) for x in level_lr])
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto", key: str = "device") -> torch.device:
+    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything else, or CUDA on a
+    machine without it, is refused with one line naming ``key``."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key} must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{key}={device}: no CUDA device is available here (use {key}=cpu or {key}=auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{key}={device}: only {count} CUDA device(s) here (cuda:0 .. cuda:{count - 1})")
+    return dev
 
 
 def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> SimilarityMetric:
@@ -107,28 +123,17 @@ def _check_not_constant(x: np.ndarray | Tensor, name: str, mask: np.ndarray | Te
 
 
 def _check_settings(**kw: Any) -> None:
-    """Refuse out-of-range settings, naming the key (``no_iters=-5`` would silently run zero iterations)."""
+    """Refuse out-of-range settings, naming the key (``no_iters=-5`` would silently run zero iterations): the
+    numbers against the shared table :mod:`learnsim.ranges`, the switches and the transformation here."""
+    check_register_settings(kw)
     rules = {
-        "no_iters": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
-        "no_steps": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "an integer >= 0 or 'auto'"),
-        "int_downsize": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        "cps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        "rank": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        "no_samples": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-        "sobolev_s": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-        "lr": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0), "a number > 0"),
-        "w_reg": (lambda v: v is None or (isinstance(v, (int, float)) and v >= 0), "a number >= 0"),
-        "sigma_init": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
-        "sobolev_lambda": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
         "histmatch": (lambda v: isinstance(v, bool), "true or false"),
         "sobolev": (lambda v: isinstance(v, bool), "true or false"),
-        "dims": (lambda v: v is None or all(int(d) >= 1 for d in ((v,) if isinstance(v, int) else v)), "positive"),
         "transformation": (lambda v: v in tuple(TransformationKind), " or ".join(f"'{k.value}'" for k in TransformationKind)),
     }
     for key, value in kw.items():
-        ok, expected = rules[key]
-        if isinstance(value, bool) and expected.startswith(("an integer", "a number")) or not ok(value):
-            raise ValueError(f"{key} must be {expected}; got {value!r}")
+        if key in rules and not rules[key][0](value):
+            raise ValueError(f"{key} must be {rules[key][1]}; got {value!r}")
 
 
 @dataclass
@@ -241,7 +246,9 @@ def register(
     """
     _check_settings(no_iters=no_iters, no_steps=no_steps, int_downsize=int_downsize, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
                     lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
-                    sobolev=sobolev, transformation=transformation, dims=dims)
+                    sobolev=sobolev, transformation=transformation, dims=(dims,) if isinstance(dims, int) else dims,
+                    levels=levels, level_iters=level_iters, level_lr=level_lr, u_init=u_init, seed=seed,
+                    data_weight=data_weight)
     kind, dev = TransformationKind(transformation), resolve_device(device)
     metric = _resolve_metric(metric, data_weight)
     schedule = register_schedule(metric.energy_kind, levels, no_iters, lr, level_iters, level_lr)
@@ -271,14 +278,17 @@ def _resolve_metric(metric: str | SimilarityMetric, data_weight: float | None) -
     with the likelihood precision ``data_weight`` (default: :data:`learnsim.defaults.REGISTER`'s for a baseline)
     set on a copy (the caller's metric is never changed)."""
     if isinstance(metric, str) and metric.endswith(".ckpt"):
-        metric = SimilarityMetric.from_checkpoint(metric)
+        metric = load_learnt_metric(metric, "metric")  # refuses a VoxelMorph checkpoint and NaN weights
     if isinstance(metric, str):
         metric = build_metric(metric)
         if data_weight is None:
             data_weight = REGISTER[metric.energy_kind].data_weight
+    else:
+        check_metric_finite(metric, "metric")
+    # data_weight: a number here (its range checked by learnsim.ranges); a string such as "auto" is resolved here
     if data_weight is not None:
-        if not data_weight > 0:
-            raise ValueError(f"data_weight must be > 0; got {data_weight}")
+        if isinstance(data_weight, str) or not data_weight > 0:
+            raise ValueError(f"data_weight must be a number > 0; got {data_weight!r}")
         metric = copy.deepcopy(metric)  # never change the caller's metric
         metric.energy.weight = float(data_weight)
         metric.spec["weight"] = float(data_weight)

@@ -38,6 +38,7 @@ from learnsim.distributions import (
     init_q_v,
     rand,
 )
+from learnsim.divergence import CHECK_EVERY, check_fit, check_loss
 from learnsim.energies import RegLossL2
 from learnsim.metric import SimilarityMetric
 from learnsim.pyramid import Pyramid, upsample_q_v
@@ -367,6 +368,9 @@ class VariationalRegistration:
                     history.append((it, loss))
                     if progress is not None:
                         progress(it, loss)
+                if (it + 1) % CHECK_EVERY == 0:
+                    check_loss(loss, it)  # a diverged fit stops here (learnsim.divergence)
+        check_fit(loss, leaves, no_iters if no_iters is not None else self.no_iters)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return FitResult(LowRankParams(*leaves).detach(), loss, time.perf_counter() - start, history)

@@ -352,7 +352,9 @@ class VoxelMorphModule(pl.LightningModule):
         if metric_spec is not None:
             resolved = SimilarityMetric.from_spec(metric_spec)
         elif metric_ckpt is not None:
-            resolved = SimilarityMetric.from_checkpoint(metric_ckpt)
+            from learnsim.metric_checkpoint import load_learnt_metric
+
+            resolved = load_learnt_metric(metric_ckpt, "metric_ckpt")  # a VoxelMorph checkpoint is refused
             metric_source = str(metric_ckpt)
             if metric is not None and metric.energy_kind != resolved.energy_kind:
                 raise ValueError(

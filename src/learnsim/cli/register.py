@@ -68,8 +68,8 @@ def _parse_overrides(items: list[str]) -> dict:
             if key == "dims":
                 parts = [int(v) for v in value.strip("[]()").split(",")]
                 out[key] = parts[0] if len(parts) == 1 else tuple(parts)
-            elif key == "no_steps":
-                out[key] = "auto" if value.strip().lower() == "auto" else int(value)
+            elif key in ("no_steps", "data_weight") and value.strip().lower() == "auto":
+                out[key] = "auto"  # no_steps: fast mode; data_weight: one estimated from the pair (where supported)
             elif isinstance(default, bool):
                 if value.lower() not in _TRUE + _FALSE:
                     raise ValueError("expected true or false")
@@ -77,7 +77,7 @@ def _parse_overrides(items: list[str]) -> dict:
             elif key in ("level_iters", "level_lr"):
                 cast = int if key == "level_iters" else float
                 out[key] = [cast(v) for v in value.strip("[]()").split(",") if v.strip()]
-            elif isinstance(default, int) or key in ("no_iters", "levels"):
+            elif isinstance(default, int) or key in ("no_iters", "levels", "no_steps"):
                 out[key] = int(value)
             elif isinstance(default, float) or key in ("lr", "w_reg", "data_weight"):
                 out[key] = float(value)

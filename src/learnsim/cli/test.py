@@ -27,7 +27,8 @@ from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.evaluation.run import evaluate as run_evaluation
 from learnsim.grid import as_dims
-from learnsim.metric import SimilarityMetric
+from learnsim.metric_checkpoint import load_learnt_metric
+from learnsim.ranges import SPLITS, check_config, warn_ignored_lr
 
 log = logging.getLogger("learnsim.test")
 
@@ -92,6 +93,10 @@ def _check_settings(cfg: DictConfig) -> None:
     lr = cfg.get("instance_lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ValueError(f"instance_lr must be null or a number > 0; got {lr!r}")
+    if cfg.get("split") not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {cfg.get('split')!r}")
+    check_config(cfg)  # every number against the table shared with learnsim-register (learnsim.ranges)
+    warn_ignored_lr(cfg, "learnsim-test")
 
 
 def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]]:
@@ -113,15 +118,15 @@ def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]
         if cfg.get("instance_lr") is not None:  # the refinement's step size, for this evaluation only
             vxm.instance_lr = float(cfg.instance_lr)
         return vxm, notes
-    metric = SimilarityMetric.from_checkpoint(ckpt_path).to(device).eval()
+    metric = load_learnt_metric(ckpt_path, "ckpt").to(device).eval()  # refuses NaN weights
     return instantiate(cfg.registration)(metric=metric), notes
 
 
 def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Run the evaluation described by a composed test config (:func:`learnsim.evaluate`); returns the summary."""
     _check_settings(cfg)
-    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
     registration, notes = _registration(cfg, device)
     datamodule = instantiate(cfg.data)
@@ -148,6 +153,8 @@ def summary_line(summary: dict) -> str:
         return None if not d else d.get("mean")
 
     parts = [f"{summary.get('n_pairs', 0)} pairs"]
+    if summary.get("n_failed"):
+        parts.append(f"{summary['n_failed']} FAILED (not averaged in; summary.json failed_pairs)")
     before, after = mean(summary.get("before_registration", {}).get("dsc")), mean(summary.get("overall", {}).get("dsc"))
     if after is not None and after == after:
         parts.append(f"DSC {before:.3f} -> {after:.3f}" if before is not None and before == before else f"DSC {after:.3f}")

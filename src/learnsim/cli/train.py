@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
+from learnsim.ranges import check_config, warn_ignored_lr
 
 log = logging.getLogger("learnsim.train")
 
@@ -34,6 +35,8 @@ def last_checkpoint(trainer: pl.Trainer) -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     """Run training for a composed config; returns the trainer's last logged metrics and the checkpoint path."""
+    check_config(cfg)  # every number against the table shared with learnsim-register / learnsim-test
+    warn_ignored_lr(cfg, "learnsim-train")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learnsim.evaluation.evaluator import Evaluator
+from learnsim.divergence import FitDiverged
+from learnsim.evaluation.evaluator import Evaluator, _write_json
 from learnsim.registration import FitProgress, VariationalRegistration
 
-__all__ = ["evaluate", "Registered", "register_pair"]
+__all__ = ["evaluate", "Registered", "register_pair", "check_registrable", "UnregistrablePair"]
 
 
 @dataclass
@@ -47,9 +48,22 @@ class Registered:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class UnregistrablePair(ValueError):
+    """A pair that cannot be registered as given (e.g. the moving image misses the atlas' grid entirely)."""
+
+
+def check_registrable(moving: Tensor) -> None:
+    """Refuse a moving image that is constant on the working grid: resampled through its affine it missed the
+    atlas (no overlap), so any transformation fits it equally badly."""
+    if bool((moving == moving.reshape(-1)[0]).all()):
+        raise UnregistrablePair(f"the moving image is constant ({float(moving.reshape(-1)[0]):g}) on the atlas' grid: "
+                                "it does not overlap the atlas through the affines (check its affine)")
+
+
 def register_pair(registration: Any, fixed: Tensor, moving: Tensor, mask: Tensor | None, n_samples: int,
                   desc: str = "q_v", instance_optimisation_iters: int = 0) -> Registered:
     """Register one pair (tensors ``[1, 1, D, H, W]`` on the registration's device) with q_v or a network."""
+    check_registrable(moving)
     if not isinstance(registration, VariationalRegistration):  # a VoxelMorphModule: the network predicts
         mean_disp, samples, seconds = registration.register_batch(
             fixed, moving, mask, no_samples=1, instance_optimisation_iters=instance_optimisation_iters)
@@ -64,7 +78,26 @@ def register_pair(registration: Any, fixed: Tensor, moving: Tensor, mask: Tensor
     if moving.device.type == "cuda":
         torch.cuda.synchronize(moving.device)
     seconds = time.perf_counter() - t0
-    return Registered(mean_disp, samples, seconds, {"final_loss": float(fit.loss.mean()), "fit_seconds": fit.seconds})
+    extra: dict[str, Any] = {"final_loss": float(fit.loss.mean()), "fit_seconds": fit.seconds}
+    extra.update(_likelihood_columns(registration, fit, fixed, moving, mask, mean_disp))
+    return Registered(mean_disp, samples, seconds, extra)
+
+
+def _likelihood_columns(registration: VariationalRegistration, fit: Any, fixed: Tensor, moving: Tensor,
+                        mask: Tensor | None, mean_disp: Tensor) -> dict[str, float]:
+    """``data_weight`` (the precision the fit ended with: learnt per pair or the metric's), and for a Gaussian
+    metric its energy ratio ``rho`` to its baseline at the posterior mean (:mod:`learnsim.energy_ratio`)."""
+    from learnsim.energies import StudentT
+    from learnsim.energy_ratio import energy_ratio
+
+    metric = registration.metric
+    cols = {"data_weight": float(fit.precision.weight.mean()) if fit.precision is not None else
+            float(metric.energy.weight)}
+    if fit.precision is not None:
+        cols["decimation"] = float(fit.precision.alpha.mean())
+    if not isinstance(metric.energy, StudentT):
+        cols["energy_ratio"] = float(energy_ratio(metric, fixed, moving, mean_disp, mask).mean())
+    return cols
 
 
 def evaluate(
@@ -104,12 +137,19 @@ def evaluate(
     evaluator = Evaluator(out_dir, save_nifti=save_nifti, figures=figures, seed=seed, metric_samples=no_samples,
                           run_name=run_name)
     n_draw = max(int(no_samples), int(no_samples_uncertainty))
+    failed: list[dict[str, str]] = []
     for i, batch in enumerate(pairs):
         if max_pairs is not None and i >= max_pairs:
             break
         pair_id = str(batch["pair_id"][0])
         fixed, moving, mask = (batch[k].to(device) for k in ("fixed", "moving", "fixed_mask"))
-        reg = register_pair(registration, fixed, moving, mask, n_draw, f"q_v {pair_id}", instance_optimisation_iters)
+        try:
+            reg = register_pair(registration, fixed, moving, mask, n_draw, f"q_v {pair_id}", instance_optimisation_iters)
+        except (FitDiverged, UnregistrablePair) as exc:  # this pair only: reported, never averaged in
+            failed.append({"pair": pair_id, "reason": str(exc)})
+            if echo is not None:
+                echo(f"learnsim-test: pair {pair_id}: FAILED (not averaged in): {exc}")
+            continue
         has_seg = bool(batch["has_seg"][0])
         row = evaluator.add_pair(
             pair_id, fixed.cpu(), moving.cpu(),
@@ -119,4 +159,17 @@ def evaluate(
         if echo is not None:
             echo(f"learnsim-test: pair {pair_id}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "pair"))
-    return evaluator.finalize()
+    return _record_failures(evaluator, failed, echo)
+
+
+def _record_failures(evaluator: Evaluator, failed: list[dict[str, str]], echo: Callable[[str], None] | None) -> dict:
+    """Finalise the run and add the failed pairs (``failed_pairs``: pair and reason; ``n_failed``) to its summary
+    and ``summary.json``: the means cover only the pairs that registered."""
+    summary = evaluator.finalize()
+    summary["n_failed"] = len(failed)
+    summary["failed_pairs"] = failed
+    _write_json(evaluator.out_dir / "summary.json", summary)
+    if failed and echo is not None:
+        echo(f"learnsim-test: WARNING: {len(failed)} pair(s) failed and are not in the means: "
+             + ", ".join(f["pair"] for f in failed) + " (summary.json, failed_pairs)")
+    return summary

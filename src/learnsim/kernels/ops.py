@@ -301,10 +301,12 @@ class _AntitheticPair(torch.autograd.Function):
                              _np(pair.view(2 * b, -1)), partial)
         sums = partial.sum(axis=1)  # fixed order over the chunks
         cap = np.eye(r)[None] + sums[:, 1:].reshape(b, r, r)
-        _sign, logdet = np.linalg.slogdet(cap)
-        entropy = torch.from_numpy(0.5 * (sums[:, 0] + logdet)).to(loc.dtype)
         ctx.save_for_backward(log_var, u, eps, xi)
-        ctx.cinv = np.linalg.inv(cap)
+        with np.errstate(all="ignore"):  # a diverged q_v (NaN/inf) gives a NaN entropy: the fit reports it
+            finite = np.isfinite(cap).all()
+            _sign, logdet = np.linalg.slogdet(cap) if finite else (None, np.full(b, np.nan))
+            ctx.cinv = np.linalg.inv(cap) if finite else np.full_like(cap, np.nan)
+        entropy = torch.from_numpy(0.5 * (sums[:, 0] + logdet)).to(loc.dtype)
         return pair, entropy
 
     @staticmethod
