@@ -167,3 +167,58 @@ def test_rebuild_removes_only_learnsims_own_partial_files(ukbb_root, tmp_path):
     assert (tmp_path / "other" / "train.csv").read_text() == "mine"
     (tmp_path / "empty").mkdir()
     build_ukbb(ukbb_root, "1000", ["1001"], tmp_path / "empty", dims=12, log=lambda *a, **k: None)
+
+
+# ---------------------------------------------------------------------------------------------- 4, 14: resume
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _resume(run: Path, datamodule, max_epochs: int = 2):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_module import make_module, make_trainer
+
+    model = make_module()
+    ckpt = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, every_n_epochs=1, save_top_k=-1)
+    trainer = make_trainer(run, max_epochs=max_epochs, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(model, datamodule=datamodule, ckpt_path=run / "checkpoints" / "last.ckpt")
+    model.state.flush()
+    return model
+
+
+def test_resuming_a_copied_run_folder_leaves_the_originals_states_alone(tmp_path):
+    import shutil
+
+    from test_module import PhantomDataModule
+    from test_reliability_resume import _fit
+
+    _fit(tmp_path / "orig", None, max_epochs=1)
+    before = _tree(tmp_path / "orig" / "q_v_state")
+    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+    model = _resume(tmp_path / "copy", PhantomDataModule(n=4, batch_size=2))
+    assert model.state.root.resolve() == (tmp_path / "copy" / "q_v_state").resolve()
+    assert _tree(tmp_path / "orig" / "q_v_state") == before, "the copy wrote into (or pruned) the original's states"
+
+
+def test_resuming_with_a_replaced_atlas_warns_and_uses_the_new_one(tmp_path):
+    import warnings
+
+    import torch
+    from test_module import PhantomDataModule
+    from test_reliability_resume import _fit
+
+    class NewAtlas(PhantomDataModule):
+        def setup(self, stage: str) -> None:
+            super().setup(stage)
+            self.ds.atlas = 1.0 - self.ds.atlas  # same "path", new content
+
+    _fit(tmp_path / "run", None, max_epochs=1)
+    with pytest.warns(RuntimeWarning, match="atlas differs from the one the checkpoint was trained with"):
+        model = _resume(tmp_path / "run", NewAtlas(n=4, batch_size=2))
+    dm = NewAtlas(n=4, batch_size=2)
+    dm.setup("fit")
+    assert torch.equal(model.q_f.loc, dm.atlas().to(model.q_f.loc))
+
+    with warnings.catch_warnings():  # the checkpoint now records the new atlas: no warning on the next resume
+        warnings.filterwarnings("error", message=".*atlas differs.*")
+        _resume(tmp_path / "run", NewAtlas(n=4, batch_size=2), max_epochs=3)

@@ -7,6 +7,7 @@ recognised by their state dict (a VoxelMorph network's weights live under ``net.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from enum import Enum
 from pathlib import Path
@@ -14,10 +15,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["MODULE_KEY", "ModuleKind", "load_checkpoint", "checkpoint_module", "checkpoint_settings"]
+__all__ = ["MODULE_KEY", "ATLAS_KEY", "ModuleKind", "load_checkpoint", "checkpoint_module", "checkpoint_settings",
+           "atlas_digest"]
 
 #: the checkpoint key naming the LightningModule class that wrote the file
 MODULE_KEY = "learnsim_module"
+#: the checkpoint key holding :func:`atlas_digest` of the atlas the run was trained with (q_f's mean)
+ATLAS_KEY = "learnsim_atlas_sha256"
+
+
+def atlas_digest(image: torch.Tensor) -> str:
+    """sha256 of an atlas image's voxels (float32, C order; shape included): a resumed run compares it with the
+    atlas it is given now, so an atlas replaced under the same path is noticed."""
+    data = image.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(data.shape)).encode())
+    h.update(data.numpy().tobytes())
+    return h.hexdigest()
 
 
 class ModuleKind(str, Enum):

@@ -111,7 +111,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from learnsim.checkpoint import MODULE_KEY, ModuleKind
+from learnsim.checkpoint import ATLAS_KEY, MODULE_KEY, ModuleKind, atlas_digest
 from learnsim.distributed import average_gradients
 from learnsim.distributions import QF
 from learnsim.grid import as_dims
@@ -252,6 +252,7 @@ class LearnSimModule(pl.LightningModule):
             raise ValueError(f"atlas grid {tuple(fixed.shape[2:])} != model dims {self.dims}")
         self.q_f.loc.copy_(fixed.to(self.q_f.loc))
         self._atlas_set = True
+        self._atlas_digest = atlas_digest(fixed)  # saved in checkpoints: a resumed run notices a replaced atlas
 
     def configure_optimizers(self):
         f_params = [p for p in self.q_f.parameters() if p.requires_grad]
@@ -449,6 +450,7 @@ class LearnSimModule(pl.LightningModule):
         # run in the same folder, a later epoch than an older epochNNN.ckpt) are ignored: the previous generation
         # is used, or q_v's initialisation with a warning
         self._resumed = self.q_v_step > 0
+        self._check_resumed_atlas()
         if self.state is not None:
             stale = self.state.set_valid_before(self.q_v_step)
             if stale:
@@ -460,6 +462,20 @@ class LearnSimModule(pl.LightningModule):
                 )
 
     _resumed = False
+    _atlas_digest: str | None = None
+
+    def _check_resumed_atlas(self) -> None:
+        """On resume: if the datamodule's atlas is not the one the checkpoint was trained with (same path, new
+        content), say so and make it q_f's mean (the checkpoint's q_f.loc holds the old atlas)."""
+        atlas = _datamodule_atlas(getattr(self.trainer, "datamodule", None))
+        if not self._resumed or atlas is None or self._atlas_digest in (None, atlas_digest(atlas)):
+            return
+        warnings.warn(
+            "learnsim: the atlas differs from the one the checkpoint was trained with (replaced under the same "
+            "path?); q_f's mean is set to the new atlas, the learnt metric and q_v states come from the old one",
+            RuntimeWarning, stacklevel=1,
+        )
+        self.set_atlas(atlas)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the states of this epoch must be on disk before the checkpoint that points at them
@@ -472,6 +488,8 @@ class LearnSimModule(pl.LightningModule):
             if ckpt_dir is not None:  # found again after the run folder is moved
                 checkpoint["q_v_state_relpath"] = os.path.relpath(root, ckpt_dir)
         checkpoint[MODULE_KEY] = ModuleKind.LEARNSIM.value
+        if self._atlas_digest is not None:
+            checkpoint[ATLAS_KEY] = self._atlas_digest
         if getattr(self, "run_config", None) is not None:
             checkpoint["learnsim_config"] = self.run_config
 
@@ -483,14 +501,16 @@ class LearnSimModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.q_v_step = int(checkpoint.get("q_v_step", 0))
         self._atlas_set = True  # q_f.loc comes back with the state dict
+        self._atlas_digest = checkpoint.get(ATLAS_KEY)
         if self.state_dir is not None:
             return
+        # the states beside the checkpoint first: a copied run folder must not write into the original's states
         candidates = []
-        if checkpoint.get("q_v_state_dir"):
-            candidates.append(Path(checkpoint["q_v_state_dir"]))
         ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         if checkpoint.get("q_v_state_relpath") and ckpt_path:
             candidates.append(Path(ckpt_path).resolve().parent / checkpoint["q_v_state_relpath"])
+        if checkpoint.get("q_v_state_dir"):
+            candidates.append(Path(checkpoint["q_v_state_dir"]))
         root = next((c for c in candidates if c.is_dir()), None)
         if root is not None:
             self.state = QVStateStore(root, self.state_dtype)
