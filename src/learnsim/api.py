@@ -22,6 +22,7 @@ from learnsim.defaults import (
 )
 from learnsim.energies import EnergyKind
 from learnsim.grid import affine_to_tensor
+from learnsim.likelihood import LikelihoodLearning, PrecisionPrior, parse_data_weight
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.metric_checkpoint import check_metric_finite, load_learnt_metric
 from learnsim.ranges import check_register_settings
@@ -173,8 +174,11 @@ def _as_volume(x: Any, name: str):
         vol = Volume.load(x)  # names the file if missing or unreadable
         if vol.data.ndim != 3:
             raise ValueError(f"{x}: {name} must be a 3D volume; got shape {vol.data.shape}")
-        if np.issubdtype(vol.data.dtype, np.floating) and not np.isfinite(vol.data).all():
-            raise ValueError(f"{x}: {name} contains NaN or inf")
+        from learnsim.data.validate import affine_problem, voxel_problem
+
+        problem = affine_problem(vol.affine) or voxel_problem(vol.data, "seg" if name == "moving_seg" else "image")
+        if problem:
+            raise ValueError(f"{x}: {name}: {problem}")
         return vol
     raise TypeError(f"{name}: expected a tensor, a Volume or a NIfTI path; got {type(x).__name__}")
 
@@ -204,7 +208,8 @@ def register(
     no_iters: int | None = None,
     lr: float | None = None,
     w_reg: float | None = None,
-    data_weight: float | None = None,
+    data_weight: float | str | None = None,
+    likelihood: LikelihoodLearning | None = None,
     histmatch: bool = REGISTER_HISTMATCH,
     levels: int | None = None,
     level_iters: Any = None,
@@ -239,7 +244,12 @@ def register(
             steps); ``no_iters`` alone is one level of that many steps (the paper's: 1024 SSD / 1344 LCC); ``lr``
             sets every level's learning rate.
         w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
-        data_weight: the likelihood precision (``metric.energy.weight``); None: :data:`learnsim.defaults.REGISTER`'s.
+        data_weight: the likelihood precision (``metric.energy.weight``); None: :data:`learnsim.defaults.REGISTER`'s;
+            ``"auto"``: learnt inside the fit by variational Bayes (:mod:`learnsim.likelihood`; every
+            ``likelihood.update_every`` steps and at each level), starting from the metric's weight (a baseline's:
+            1, the paper's); where it settled is ``output.fit.precision`` (``registration.json`` from the CLI).
+        likelihood: how ``"auto"`` learns it (prior, decimation, update interval); None: the defaults of
+            :class:`~learnsim.likelihood.LikelihoodLearning`.
         histmatch: match the moving image's histogram to the fixed image's first (:func:`~learnsim.data.preprocess.match_histogram`).
         progress, on_level: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels),
             ``on_level(level, no_levels, shape, no_iters)`` before each level.
@@ -250,7 +260,12 @@ def register(
                     levels=levels, level_iters=level_iters, level_lr=level_lr, u_init=u_init, seed=seed,
                     data_weight=data_weight)
     kind, dev = TransformationKind(transformation), resolve_device(device)
-    metric = _resolve_metric(metric, data_weight)
+    data_weight = parse_data_weight(data_weight)
+    auto = data_weight == "auto"
+    metric = _resolve_metric(metric, (1.0 if isinstance(metric, str) and not metric.endswith(".ckpt") else None)
+                             if auto else data_weight)
+    if auto and likelihood is None:
+        likelihood = LikelihoodLearning(PrecisionPrior(mean=float(metric.energy.weight)))
     schedule = register_schedule(metric.energy_kind, levels, no_iters, lr, level_iters, level_lr)
     if schedule.levels > 1 and kind is not TransformationKind.SVF:
         raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
@@ -265,6 +280,7 @@ def register(
         sobolev=SobolevSmoother(sobolev, sobolev_s, sobolev_lambda).to(dev),
         no_iters=schedule.iters[-1], lr=schedule.lr[-1], sigma_init=sigma_init, u_init=u_init, rank=rank,
         uniform_noise=0.0, levels=schedule.levels, level_iters=schedule.iters, level_lr=schedule.lr,
+        likelihood=likelihood if auto else None,
     )
     moving_t, mask_t = inputs.moving.to(dev), (inputs.mask.to(dev) if inputs.mask is not None else None)
     fit = reg.fit_levels(inputs.fixed.to(dev), moving_t, mask_t, progress=progress, log_every=4 if progress else 0, on_level=on_level)
@@ -290,8 +306,7 @@ def _resolve_metric(metric: str | SimilarityMetric, data_weight: float | None) -
         if isinstance(data_weight, str) or not data_weight > 0:
             raise ValueError(f"data_weight must be a number > 0; got {data_weight!r}")
         metric = copy.deepcopy(metric)  # never change the caller's metric
-        metric.energy.weight = float(data_weight)
-        metric.spec["weight"] = float(data_weight)
+        metric.set_weight_(float(data_weight))
     return metric
 
 
@@ -332,7 +347,15 @@ def _tensor_inputs(fixed: Tensor, moving: Tensor, moving_seg: Any, fixed_mask: A
         mask_t = _check_tensor(torch.as_tensor(fixed_mask).float(), "fixed_mask")
     _check_not_constant(moving_t, "moving")
     _check_not_constant(fixed_t, "fixed", mask_t)
+    if seg_t is not None and moving_seg is not None:
+        seg_in = torch.as_tensor(moving_seg).double()
+        if not bool((seg_in == seg_in.round()).all()):
+            raise ValueError("moving_seg: label map holds non-integer values; label ids must be integers")
+    from learnsim.data.validate import affine_problem
+
     grid_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if grid_affine.shape != (4, 4) or affine_problem(grid_affine):
+        raise ValueError(f"affine: expected a 4x4 voxel -> mm matrix, finite and non-singular; got {affine!r}")
     return _Inputs(fixed_t, moving_t, seg_t, mask_t, grid_affine)
 
 
@@ -352,6 +375,9 @@ def _file_inputs(fixed: Any, moving: Any, moving_seg: Any, fixed_mask: Any, dims
     seg_t = torch.from_numpy(pm.seg.astype(np.int64))[None, None] if pm.seg is not None else None
     mask_t = torch.from_numpy(pf.mask.astype(np.float32))[None, None] if pf.mask is not None else None
     _check_not_constant(fixed_t, f"{fixed} (on the working grid)", mask_t)
+    if not bool(np.any(pm.image)):  # resampled through its affine, the moving image missed the fixed grid
+        raise ValueError(f"{moving}: the moving image does not overlap the fixed image {fixed} in world space (all "
+                         "zero on the working grid); check its affine")
     # without dims the outputs go back to the fixed image's own voxel order (an LPS or permuted atlas keeps its
     # affine); the registration itself runs on the RAS grid, as in training
     back = None if dims else Grid(tuple(fixed_v.data.shape), fixed_v.affine)

@@ -24,6 +24,8 @@ __all__ = [
     "low_rank_entropy",
     "entropy_constant",
     "SSD",
+    "StudentT",
+    "student_t_energy",
     "LCC",
     "RegLossL2",
 ]
@@ -153,6 +155,47 @@ class SSD(nn.Module):
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
         e = ssd(fixed, warped, mask)
         return e if self.weight == 1.0 else self.weight * e
+
+
+def student_t_energy(fixed: Tensor, warped: Tensor, mask: Tensor | None, weight: float, precision: float,
+                     nu: float) -> Tensor:
+    """Student-t data term ``(weight / w) (nu + 1) / 2 sum_mask log(1 + w r^2 / nu)``, ``r = F - M o phi``; ``[B]``.
+
+    ``w`` (``precision``) is the noise's precision, ``nu`` its degrees of freedom; ``weight`` is what the term
+    weighs at small residuals: ``~ 0.5 weight r^2`` there, so ``weight = w`` is the Student-t likelihood itself and
+    ``weight = alpha w`` its virtually decimated form (:mod:`learnsim.likelihood`). ``nu = inf`` is SSD exactly.
+    """
+    if math.isinf(nu):
+        return weight * ssd(fixed, warped, mask)
+    r2 = (fixed - warped) ** 2
+    e = torch.log1p(r2 * (precision / nu)) * (0.5 * (nu + 1.0) * weight / precision)
+    return _apply_mask(e, mask).flatten(1).sum(1)
+
+
+class StudentT(SSD):
+    """Student-t noise on the residual of SSD's features (robust SSD): ``forward(fixed, warped, mask) -> [B]``.
+
+    Equal to :class:`SSD` with the same ``weight`` as ``nu -> inf``; voxels with residuals far beyond the noise
+    scale ``1 / sqrt(precision)`` weigh ``(nu + 1) / (nu + precision r^2)`` of what SSD gives them
+    (:func:`learnsim.likelihood.student_t_weights`). Its settings (SSD's: ``kind`` is SSD) are the paper's SSD ones.
+
+    Args:
+        weight: the precision q_v sees at small residuals (``alpha w``; see :func:`student_t_energy`).
+        nu: degrees of freedom (> 0; ``inf`` is SSD).
+        precision: the noise precision ``w`` (None: ``weight``).
+    """
+
+    def __init__(self, weight: float = 1.0, nu: float = math.inf, precision: float | None = None) -> None:
+        super().__init__(weight)
+        self.nu = float(nu)
+        self.precision = float(weight if precision is None else precision)
+        if not self.nu > 0:
+            raise ValueError(f"metric.energy.nu must be > 0 (inf: SSD); got {nu}")
+        if not (math.isfinite(self.precision) and self.precision > 0):
+            raise ValueError(f"metric.energy.precision must be a finite number > 0; got {precision}")
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return student_t_energy(fixed, warped, mask, self.weight, self.precision, self.nu)
 
 
 class LCC(nn.Module):

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from learnsim.energies import LCC, SSD, EnergyKind, lcc_terms
+from learnsim.energies import LCC, SSD, EnergyKind, StudentT, lcc_terms
 
-__all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNLCC", "build_metric", "masked_rms"]
+__all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNSSDT", "CNNLCC", "build_metric", "masked_rms"]
 
 
 class FeatureEncoder(nn.Module):
@@ -117,7 +117,8 @@ class SimilarityMetric(nn.Module):
             self.register_buffer("feature_scale", torch.ones(()))
         # enough to rebuild the metric from a checkpoint without Hydra (see SimilarityMetric.from_checkpoint)
         self.spec: dict = {
-            "kind": ("cnn_" if self.learnable else "") + ("lcc" if isinstance(energy, LCC) else "ssd"),
+            "kind": ("cnn_" if self.learnable else "") + ("lcc" if isinstance(energy, LCC) else "ssd")
+            + ("_t" if isinstance(energy, StudentT) else ""),
             "learnable": self.learnable,
             "no_features": [int(c) for c in no_features],
             "negative_slope": float(negative_slope),
@@ -128,6 +129,27 @@ class SimilarityMetric(nn.Module):
             self.spec["weight"] = energy.weight
         if isinstance(energy, LCC):
             self.spec.update(radius=energy.radius, learnable_window=energy.learnable_window)
+        if isinstance(energy, StudentT):
+            self.spec.update(nu=energy.nu, precision=energy.precision)
+
+    def set_weight_(self, weight: float, precision: float | None = None) -> None:
+        """Set the likelihood precision q_v sees (``energy.weight``; a Student-t energy's noise precision too,
+        ``precision`` or ``weight``), and record it in :attr:`spec` so that checkpoints carry it."""
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"metric.energy.weight must be a finite number > 0; got {weight}")
+        self.energy.weight = weight
+        self.spec["weight"] = weight
+        if isinstance(self.energy, StudentT):
+            self.energy.precision = float(weight if precision is None else precision)
+            self.spec["precision"] = self.energy.precision
+
+    def set_nu_(self, nu: float) -> None:
+        """Set a Student-t energy's degrees of freedom (recorded in :attr:`spec`)."""
+        if not isinstance(self.energy, StudentT):
+            raise TypeError("set_nu_: the metric's energy is not Student-t")
+        self.energy.nu = float(nu)
+        self.spec["nu"] = float(nu)
 
     @property
     def name(self) -> str:
@@ -241,6 +263,9 @@ class SimilarityMetric(nn.Module):
         if isinstance(self.energy, LCC):
             window = self.energy.window.clamp_min(1e-3) if self.energy.learnable_window else None
             e = -lcc_terms(ff, fw, self.energy.radius, window)
+        elif isinstance(self.energy, StudentT) and not math.isinf(self.energy.nu):
+            t = self.energy
+            e = torch.log1p((ff - fw) ** 2 * (t.precision / t.nu)) * (0.5 * (t.nu + 1) / t.precision)
         else:
             e = 0.5 * (ff - fw) ** 2
         e = self.energy.weight * e
@@ -262,6 +287,14 @@ def CNNSSD(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negat
     return SimilarityMetric(SSD(weight), learnable, no_features, negative_slope, init_noise, normalise)
 
 
+def CNNSSDT(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
+            init_noise: float = 1e-7, weight: float = 1.0, normalise: bool = False, nu: float = math.inf,
+            precision: float | None = None) -> SimilarityMetric:
+    """CNN_SSD with Student-t noise (:class:`~learnsim.energies.StudentT`); ``nu = inf`` is CNN_SSD."""
+    return SimilarityMetric(StudentT(weight, nu, precision), learnable, no_features, negative_slope, init_noise,
+                            normalise)
+
+
 def CNNLCC(learnable: bool = True, no_features: Sequence[int] = (4, 8, 8), negative_slope: float = 0.2,
            init_noise: float = 1e-7, radius: int = 1, learnable_window: bool = False, weight: float = 1.0,
            normalise: bool = False) -> SimilarityMetric:
@@ -276,12 +309,13 @@ def build_metric(kind: str, **kwargs) -> SimilarityMetric:
     ``build_metric(**metric.spec)`` rebuilds an equivalent (untrained) metric.
     """
     kind = kind.lower()
-    if kind in ("ssd", "lcc"):
+    if kind in ("ssd", "lcc", "ssd_t"):
         kwargs["learnable"] = False
-    factory = {"ssd": CNNSSD, "cnn_ssd": CNNSSD, "lcc": CNNLCC, "cnn_lcc": CNNLCC}.get(kind)
+    factory = {"ssd": CNNSSD, "cnn_ssd": CNNSSD, "lcc": CNNLCC, "cnn_lcc": CNNLCC, "ssd_t": CNNSSDT,
+               "cnn_ssd_t": CNNSSDT}.get(kind)
     if factory is None:
-        raise ValueError(f"unknown metric {kind!r}; expected one of ssd, lcc, cnn_ssd, cnn_lcc")
-    if factory is CNNSSD:
+        raise ValueError(f"unknown metric {kind!r}; expected one of ssd, lcc, cnn_ssd, cnn_lcc, ssd_t, cnn_ssd_t")
+    if factory is not CNNLCC:
         kwargs.pop("radius", None)
         kwargs.pop("learnable_window", None)
     return factory(**kwargs)

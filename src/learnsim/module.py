@@ -115,6 +115,8 @@ from learnsim.checkpoint import ATLAS_KEY, MODULE_KEY, ModuleKind, atlas_digest
 from learnsim.distributed import average_gradients
 from learnsim.distributions import QF
 from learnsim.grid import as_dims
+from learnsim.likelihood import ResidualHistogram
+from learnsim.likelihood_training import PopulationLikelihood
 from learnsim.metric import SimilarityMetric, masked_rms
 from learnsim.registration import VariationalRegistration
 from learnsim.spatial import warp_labels
@@ -166,6 +168,9 @@ class LearnSimModule(pl.LightningModule):
         seed: random draws (q_v samples, coordinate noise) come from one generator per pair seeded by
             ``(seed, epoch, pair index)``, and q_f's from ``(seed, epoch, batch index)``: a run is reproducible and
             does not depend on the batch size or the number of DDP processes.
+        likelihood: the ``likelihood`` config; ``learn: true`` learns one precision (``noise: student_t``: and
+            ``nu``) over the training pairs from ``metric.energy.weight`` (:mod:`learnsim.likelihood_training`),
+            updated after every batch, stored in checkpoints, logged as ``likelihood/*``.
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class LearnSimModule(pl.LightningModule):
         structures: list[int] | None = None,
         seed: int = 0,
         no_iters_warm: int | None = None,
+        likelihood: dict | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -220,6 +226,11 @@ class LearnSimModule(pl.LightningModule):
         self._missing_states: list[str] = []
         # the metric must be rebuildable from the checkpoint alone (SimilarityMetric.from_checkpoint)
         self.save_hyperparameters({"metric_spec": metric.spec, "dims": list(self.dims)})
+        self.population = PopulationLikelihood.from_config(likelihood, float(metric.energy.weight))
+        if self.population is not None and self.population.noise == "student_t" and "nu" not in metric.spec:
+            raise ValueError("likelihood.noise=student_t needs a Student-t metric (metric=ssd_t or cnn_ssd_t)")
+        if self.population is not None and self.population.noise == "gaussian" and "nu" in metric.spec:
+            raise ValueError("a Student-t metric learns with likelihood.noise=student_t")
 
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -308,6 +319,8 @@ class LearnSimModule(pl.LightningModule):
         indices = [int(i) for i in batch["index"]]
         gens = [self._generator(0, self.current_epoch, i) for i in indices]
         fit, found, iters = self._fit_q_v(batch, fixed, mask, indices, gens)
+        if self.population is not None:
+            self._learn_likelihood(batch, indices, fit.params, fixed, mask)
 
         # 4: one q_phi / q_f step on the contrastive objective (see the module docstring)
         warped = self.registration.sample_warped(fit.params, moving, gens)
@@ -349,6 +362,33 @@ class LearnSimModule(pl.LightningModule):
         self.state.save(keys, fit.params, step=self.q_v_step, epoch=self.current_epoch)
         self.q_v_step += 1
         return fit, found, n
+
+    @torch.no_grad()
+    def _learn_likelihood(self, batch: dict[str, Any], indices: list[int], params: Any, fixed: Tensor,
+                          mask: Tensor) -> None:
+        """The population precision after this batch's q_v fits (:mod:`learnsim.likelihood_training`): the pairs'
+        residual statistics under their fitted q_v, then the metric's weight (and ``nu``) set from all pairs."""
+        pop = self.population
+        assert pop is not None
+        keys = [str(k) for k in (batch["pair_key"] if "pair_key" in batch else indices)]
+        reg = self.registration
+        with reg._frozen_metric():
+            feat_fixed = self.metric.features(fixed).float()
+            gen = self._generator(2, self.current_epoch, *indices)
+            student = pop.noise == "student_t"
+            quad, count, alpha, r2 = reg.residual_statistics(params, feat_fixed, batch["moving"], mask, pop.learning,
+                                                             gen, residual_map=student)
+        hists = [ResidualHistogram().add(r2[i], mask) for i in range(r2.shape[0])] if r2 is not None else None
+        pop.add(keys, quad.tolist(), count.tolist(), alpha.tolist(), hists)
+        self._apply_likelihood(pop.update())
+
+    def _apply_likelihood(self, learnt: dict[str, float]) -> None:
+        self.metric.set_weight_(learnt["data_weight"], precision=learnt["precision"])
+        if self.population is not None and self.population.noise == "student_t":
+            self.metric.set_nu_(min(learnt["nu"], 1e30))
+        b = 1
+        self.log_dict({f"likelihood/{k}": float(min(v, 1e30)) for k, v in learnt.items()}, on_step=True,
+                      on_epoch=True, batch_size=b, sync_dist=False)
 
     def _contrastive_step(self, opt_f, opt_phi, fixed: Tensor, mask: Tensor, warped: Tensor, f1: Tensor,
                           f2: Tensor) -> dict[str, Tensor]:
@@ -488,6 +528,10 @@ class LearnSimModule(pl.LightningModule):
             if ckpt_dir is not None:  # found again after the run folder is moved
                 checkpoint["q_v_state_relpath"] = os.path.relpath(root, ckpt_dir)
         checkpoint[MODULE_KEY] = ModuleKind.LEARNSIM.value
+        # the learnt precision (and nu) live in the metric's spec: from_checkpoint rebuilds the metric with them
+        checkpoint.setdefault("hyper_parameters", {})["metric_spec"] = dict(self.metric.spec)
+        if self.population is not None:
+            checkpoint["likelihood_population"] = self.population.state_dict()
         if self._atlas_digest is not None:
             checkpoint[ATLAS_KEY] = self._atlas_digest
         if getattr(self, "run_config", None) is not None:
@@ -501,6 +545,13 @@ class LearnSimModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.q_v_step = int(checkpoint.get("q_v_step", 0))
         self._atlas_set = True  # q_f.loc comes back with the state dict
+        spec = (checkpoint.get("hyper_parameters") or {}).get("metric_spec") or {}
+        if "weight" in spec:  # a learnt precision: resume from it
+            self.metric.set_weight_(float(spec["weight"]), spec.get("precision"))
+        if "nu" in spec and "nu" in self.metric.spec:
+            self.metric.set_nu_(float(spec["nu"]))
+        if self.population is not None and checkpoint.get("likelihood_population"):
+            self.population.load_state_dict(checkpoint["likelihood_population"])
         self._atlas_digest = checkpoint.get(ATLAS_KEY)
         if self.state_dir is not None:
             return

@@ -39,7 +39,13 @@ from learnsim.distributions import (
     rand,
 )
 from learnsim.divergence import CHECK_EVERY, check_fit, check_loss
-from learnsim.energies import RegLossL2
+from learnsim.energies import RegLossL2, StudentT
+from learnsim.likelihood import (
+    LikelihoodLearning,
+    PrecisionEstimate,
+    residual_quadratic,
+    squared_residual_map,
+)
 from learnsim.metric import SimilarityMetric
 from learnsim.pyramid import Pyramid, upsample_q_v
 from learnsim.sobolev import SobolevSmoother
@@ -102,12 +108,14 @@ class FitResult:
         loss: the final loss per pair ``[B]`` (a tensor: reading it syncs the device).
         seconds: wall-clock time of the fit (synchronised at the end).
         history: ``(iteration, loss [B])`` pairs recorded every ``log_every`` iterations.
+        precision: where a learnt precision settled (``likelihood`` set: ``data_weight="auto"``), else None.
     """
 
     params: LowRankParams
     loss: Tensor
     seconds: float
     history: list[tuple[int, Tensor]] = field(default_factory=list)
+    precision: PrecisionEstimate | None = None
 
 
 class FitProgress:
@@ -175,6 +183,9 @@ class VariationalRegistration:
         optimizer: q_v optimiser factory ``optimizer(params, lr=lr) -> Optimizer`` (e.g. a Hydra partial of a
             ``torch.optim`` class), called afresh for every fit: each batch of pairs starts Adam from scratch, as
             in the original. Default :func:`adam_q_v`.
+        likelihood: learn the likelihood precision inside every fit (``data_weight="auto"``;
+            :mod:`learnsim.likelihood`): a :class:`~learnsim.likelihood.LikelihoodLearning`, or its config mapping
+            (``per_pair: false`` or None: the metric's fixed weight). The prior's mean defaults to the metric's weight.
     """
 
     def __init__(
@@ -194,6 +205,7 @@ class VariationalRegistration:
         level_iters: Sequence[int] | None = None,
         level_lr: Sequence[float] | None = None,
         optimizer: OptimizerFactory | None = None,
+        likelihood: LikelihoodLearning | Any = None,
     ) -> None:
         self.metric = metric
         self.transformation = transformation
@@ -210,6 +222,18 @@ class VariationalRegistration:
         self.amp = bool(amp)
         self.schedule = LevelSchedule.make(levels, self.no_iters, self.lr, level_iters, level_lr)
         self.optimizer = optimizer if optimizer is not None else adam_q_v
+        if likelihood is not None and not isinstance(likelihood, LikelihoodLearning):
+            cfg = dict(likelihood)
+            likelihood = (LikelihoodLearning.from_config(cfg, metric.energy.weight)
+                          if cfg.pop("per_pair", False) else None)
+        if likelihood is not None and isinstance(metric.energy, StudentT):
+            raise ValueError("data_weight='auto' (likelihood.per_pair) needs a Gaussian energy (ssd, lcc, cnn_ssd, "
+                             "cnn_lcc); a Student-t metric keeps the precision it learnt in training")
+        self.likelihood: LikelihoodLearning | None = likelihood
+        # per-pair multiplier of the data term [B] while a learnt precision is in force (None: the metric's weight)
+        self._data_scale: Tensor | None = None
+        self._estimate: PrecisionEstimate | None = None
+        self._lik_images: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     @classmethod
     def paper(cls, metric: SimilarityMetric | str = "ssd", *, w_reg: float | None = None,
@@ -299,6 +323,8 @@ class VariationalRegistration:
             ff = feat_fixed if feat_fixed.shape[0] == 1 else feat_fixed.repeat(2, 1, 1, 1, 1)
             m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
             data = self.metric.energy_from_features(ff, feat_warped, m).to(v.dtype)
+        if self._data_scale is not None:  # the learnt precision over the metric's own weight, per pair
+            data = data * self._data_scale.repeat(2)
         energy = data + self.reg(v)
         return energy.view(2, b).mean(0) - entropy
 
@@ -358,11 +384,13 @@ class VariationalRegistration:
         optimizer = self.optimizer(leaves, lr=self.lr if lr is None else float(lr))
         history: list[tuple[int, Tensor]] = []
         # the metric is frozen here: a(F) once, and no gradients into the metric's weights
-        with self._frozen_metric():
+        with self._frozen_metric(), self._learning_precision(b, device, fixed, moving, mask):
             with torch.no_grad(), self._autocast(device):
                 feat_fixed = self.metric.features(fixed).float()
             loss = torch.zeros(b, device=device)
             for it in range(no_iters if no_iters is not None else self.no_iters):
+                if self._estimate is not None and it % self.likelihood.update_every == 0:
+                    self._update_precision(LowRankParams(*leaves), it)
                 loss = self._step(LowRankParams(*leaves), optimizer, feat_fixed, moving, mask, training, generator)
                 if log_every and (it % log_every == 0):
                     history.append((it, loss))
@@ -370,10 +398,93 @@ class VariationalRegistration:
                         progress(it, loss)
                 if (it + 1) % CHECK_EVERY == 0:
                     check_loss(loss, it)  # a diverged fit stops here (learnsim.divergence)
-        check_fit(loss, leaves, no_iters if no_iters is not None else self.no_iters)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return FitResult(LowRankParams(*leaves).detach(), loss, time.perf_counter() - start, history)
+            check_fit(loss, leaves, no_iters if no_iters is not None else self.no_iters)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return FitResult(LowRankParams(*leaves).detach(), loss, time.perf_counter() - start, history,
+                             self._estimate)
+
+    # ------------------------------------------------------------------------------------- learnt precision
+    @contextlib.contextmanager
+    def _learning_precision(self, batch: int, device: torch.device, fixed: Tensor, moving: Tensor,
+                            mask: Tensor | None) -> Iterator[None]:
+        """While inside, :meth:`fit` updates the precision every ``likelihood.update_every`` steps (no-op when
+        ``likelihood`` is None); the estimate is the fit's :attr:`FitResult.precision`. ``fixed``, ``moving`` and
+        ``mask`` are the image-grid tensors: the residual is always measured there, with a coarse level's q_v
+        transferred to it, because the precision belongs to the images' noise (a coarse level sees smoothed
+        images, whose residual would claim a far larger precision) and every level weighs the same functional
+        (:mod:`learnsim.pyramid`)."""
+        if self.likelihood is None or self._estimate is not None:  # not learnt, or an outer fit_levels learns it
+            yield
+            return
+        w0 = torch.full((batch,), float(self.metric.energy.weight), device=device)
+        self._estimate = PrecisionEstimate(w0.clone(), w0.clone(), torch.ones_like(w0))
+        self._level = 0
+        with torch.no_grad(), self._frozen_metric(), self._autocast(device):
+            self._lik_images = (self.metric.features(fixed).float(), moving, mask)
+        try:
+            yield
+        finally:
+            self._estimate, self._data_scale, self._lik_images = None, None, None
+
+    @torch.no_grad()
+    def residual_statistics(self, q: LowRankParams, feat_fixed: Tensor, moving: Tensor, mask: Tensor | None,
+                            likelihood: LikelihoodLearning, generator: torch.Generator | None = None,
+                            residual_map: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """What the likelihood learns from: ``(E_q[Q], n, alpha, r^2)`` per pair for q_v ``q`` on the images' grid.
+
+        Args:
+            q: q_v on ``moving``'s grid. feat_fixed: ``a(F)`` ``[1 or B, 1, D, H, W]``; moving ``[B, 1, D, H, W]``.
+            likelihood: its ``samples`` antithetic pairs are averaged; its ``decimation`` gives ``alpha``.
+            generator: for q_v's samples (one for the whole batch).
+            residual_map: also return the voxel-wise squared residual ``[B, 1, D, H, W]``, averaged over samples.
+        Returns:
+            ``quad`` ``[B]`` (``E_q[0.5 sum_mask r^2]``; NaN for a Student-t energy, which is not quadratic),
+            ``count`` ``[B]`` (the mask's sum), ``alpha`` ``[B]`` and the map or None.
+        """
+        b, shape, dev = moving.shape[0], moving.shape[2:], moving.device
+        ff = feat_fixed if feat_fixed.shape[0] == 1 else feat_fixed.repeat(2, 1, 1, 1, 1)
+        m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
+        numel = int(torch.tensor(shape).prod())
+        quadratic = not isinstance(self.metric.energy, StudentT)
+        quad, alpha = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
+        r2 = torch.zeros_like(moving) if residual_map else None
+        with self._autocast(dev):
+            for _ in range(likelihood.samples):
+                pair, _ = antithetic_pair(q, generator)
+                _, disp = self.displacement(pair, shape)
+                fw = self.metric.features(warp(moving.repeat(2, 1, 1, 1, 1), disp)).float()
+                if quadratic:
+                    energy = self.metric.energy_from_features(ff, fw, m).float()
+                    quad += residual_quadratic(self.metric, energy, m, numel).view(2, b).mean(0) / likelihood.samples
+                alpha += likelihood.alpha((ff - fw)[:b], mask) / likelihood.samples
+                if r2 is not None:
+                    r2 += squared_residual_map(self.metric, ff, fw).view(2, b, *r2.shape[1:]).mean(0) / likelihood.samples
+        count = mask.flatten(1).sum(1).float().expand(b) if mask is not None else torch.full((b,), float(numel),
+                                                                                             device=dev)
+        return (quad if quadratic else torch.full_like(quad, float("nan"))), count, alpha, r2
+
+    @torch.no_grad()
+    def _update_precision(self, q: LowRankParams, iteration: int) -> None:
+        """One variational-Bayes update of the precision from ``E_{q_v}[Q]`` (:mod:`learnsim.likelihood`).
+
+        q_v's samples come from a private generator (seeded by the update's position), so learning the precision
+        draws nothing from the fit's own random stream: with a point-mass prior the fit is the fixed-weight one.
+        """
+        lik, est = self.likelihood, self._estimate
+        assert lik is not None and est is not None and self._lik_images is not None
+        feat_fixed, moving, mask = self._lik_images
+        b, shape = moving.shape[0], moving.shape[2:]
+        if tuple(q.loc.shape[2:]) != tuple(self.transformation.param_shape(shape)[1:]):
+            q = upsample_q_v(q, shape)  # a coarse level's q_v on the image grid
+        gen = torch.Generator(device=moving.device)
+        gen.manual_seed(7919 * (len(est.history) + 1))
+        quad, count, alpha, _ = self.residual_statistics(q, feat_fixed, moving, mask, lik, gen)
+        expected = torch.as_tensor(lik.prior.expected(quad, count, alpha), device=moving.device).float().expand(b)
+        weight = alpha * expected
+        est.weight, est.expected, est.alpha = weight, expected, alpha
+        est.history.append((self._level, iteration, weight.tolist()))
+        self._data_scale = weight / float(self.metric.energy.weight)
 
     def _step(self, q: LowRankParams, optimizer: torch.optim.Optimizer, feat_fixed: Tensor, moving: Tensor,
               mask: Tensor | None, training: bool, generator: Generators) -> Tensor:
@@ -420,9 +531,17 @@ class VariationalRegistration:
             :class:`FitResult` on the full grid; ``history`` counts iterations across levels, ``seconds`` covers
             all levels (pyramid included).
         """
+        with self._learning_precision(moving.shape[0], moving.device, fixed, moving, mask):
+            return self._fit_levels(fixed, moving, mask, params, schedule, training, progress, log_every, generator,
+                                    on_level)
+
+    def _fit_levels(self, fixed: Tensor, moving: Tensor, mask: Tensor | None, params: LowRankParams | None,
+                    schedule: LevelSchedule | None, training: bool, progress: ProgressFn | None, log_every: int,
+                    generator: Generators, on_level: LevelFn | None) -> FitResult:
         sched = self.schedule if schedule is None else schedule
         if sched.levels == 1 or params is not None:
             n, rate = sched.iters[-1], sched.lr[-1]
+            self._level = sched.levels - 1
             if on_level is not None:
                 on_level(sched.levels - 1, sched.levels, tuple(moving.shape[2:]), n)
             return self.fit(fixed, moving, mask, params, n, training, progress, log_every, generator, lr=rate)
@@ -450,12 +569,13 @@ class VariationalRegistration:
                     progress(offset + it, loss)
 
             f, m, k = pyr.level(level)
+            self._level = level
             fit = self.fit(f, m, k, q, n, training, shifted, log_every, generator, lr=sched.lr[level])
             history += [(done + it, loss) for it, loss in fit.history]
             q = fit.params
             done += n
         assert fit is not None
-        return FitResult(fit.params, fit.loss, time.perf_counter() - start, history)
+        return FitResult(fit.params, fit.loss, time.perf_counter() - start, history, fit.precision)
 
     def _coarse_init(self, batch: int, shape: Sequence[int], fine: Sequence[int], device: torch.device) -> LowRankParams:
         """:meth:`init_params` on the coarse grid ``shape``, scaled so that it is the same q_v in mm as on ``fine``."""

@@ -458,6 +458,10 @@ class Evaluator:
             "uncertainty_mean_mm",
         ):
             summary[col] = _stats(per_pair[col]) if col in per_pair else _stats([])
+        # the likelihood: the precision each fit ended with, and the metric's energy ratio to its baseline
+        for col in ("data_weight", "decimation", "energy_ratio"):
+            if col in per_pair:
+                summary[col] = _stats(per_pair[col])
         summary["calibration"] = {
             "spearman_disagreement": _stats(per_pair["spearman_disagreement"])
             if len(per_pair)
