@@ -77,7 +77,8 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     Raises:
         FileNotFoundError: naming the file if it does not exist.
-        ValueError: naming the file if it cannot be read as NIfTI.
+        ValueError: naming the file if it cannot be read as NIfTI, or its voxels are not one real value each
+            (RGB, complex).
     """
     path = Path(path)
     if not path.is_file():
@@ -89,6 +90,10 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: cannot be read as NIfTI ({exc})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) \
+            or np.iscomplexobj(data):  # RGB / complex: dropping a channel or the imaginary part would be silent
+        raise ValueError(f"{path}: voxels of type {data.dtype} (RGB, complex or structured); learnsim reads one real "
+                         "value per voxel")
     return data, np.asarray(img.affine, dtype=np.float64)
 
 

@@ -242,7 +242,9 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
         aff = res.affine
         save_nifti(stage / "warped.nii.gz", res.warped[0, 0].numpy(), aff, np.float32)
         if res.warped_seg is not None:
-            save_nifti(stage / "warped_seg.nii.gz", res.warped_seg[0, 0].numpy(), aff, np.int16)
+            seg = res.warped_seg[0, 0].numpy()
+            small = seg.size == 0 or (seg.min() >= -(2**15) and seg.max() < 2**15)  # ids >= 32768 need int32
+            save_nifti(stage / "warped_seg.nii.gz", seg, aff, np.int16 if small else np.int32)
         save_nifti(stage / "disp_mm.nii.gz", res.disp_mm[0].permute(1, 2, 3, 0).numpy(), aff, np.float32)
         if res.uncertainty_mm is not None:
             save_nifti(stage / "uncertainty_mm.nii.gz", res.uncertainty_mm[0, 0].numpy(), aff, np.float32)

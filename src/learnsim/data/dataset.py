@@ -149,7 +149,7 @@ class PairDataset(Dataset):
             Volume.load(seg) if seg is not None else None,
         )
         if out.seg is not None and self.structures is not None:
-            out.seg = np.where(np.isin(out.seg, self.structures), out.seg, 0).astype(np.int16)
+            out.seg = np.where(np.isin(out.seg, self.structures), out.seg, 0).astype(out.seg.dtype)
         self.notes.extend(n for n in out.notes if n not in self.notes)
         return out
 

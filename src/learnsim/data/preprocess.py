@@ -158,7 +158,7 @@ def resample_to_grid(
         affine: 4x4 voxel->mm of ``array``.
         grid: target grid.
         kind: ``"image"`` (trilinear, float32 out), ``"mask"`` (nearest, >0.5 -> uint8 0/1) or ``"labels"``
-            (nearest, rounded -> int16).
+            (nearest, rounded -> int16, int32 for ids beyond it).
         disp: optional pull-back displacement ``[1, 3, D, H, W]`` in voxels of ``grid`` (see
             :func:`source_voxel_coords`).
         coords: the result of ``source_voxel_coords(grid, affine, disp)`` if already at hand (volumes sharing an
@@ -183,7 +183,9 @@ def resample_to_grid(
     if kind == "mask":
         return (out > 0.5).astype(np.uint8)
     if kind == "labels":
-        return np.rint(out).astype(np.int16)
+        ids = np.rint(out)
+        fits = ids.size == 0 or (ids.min() >= np.iinfo(np.int16).min and ids.max() <= np.iinfo(np.int16).max)
+        return ids.astype(np.int16 if fits else np.int32)  # ids >= 32768 would wrap around in int16
     return out.astype(np.float32, copy=False)
 
 
@@ -264,7 +266,7 @@ class Volume:
 
 @dataclass
 class Preprocessed:
-    """One subject on the target grid: image float32 in [0, 1], mask uint8 0/1 or None, labels int16 or None."""
+    """One subject on the target grid: image float32 in [0, 1], mask uint8 0/1 or None, labels int16 (int32 for ids >= 32768) or None."""
 
     image: np.ndarray
     mask: np.ndarray | None

@@ -27,6 +27,8 @@ __all__ = [
     "read_pairs",
     "validate_pairs",
     "same_file",
+    "affine_problem",
+    "voxel_problem",
 ]
 
 REQUIRED_COLUMNS = ("fixed", "moving")
@@ -78,16 +80,12 @@ def _summarise(path: Path, kind: str, check_data: bool) -> _Summary:
         return _Summary(error=str(exc).replace(f"{path}: ", ""))
     if data.ndim != 3:
         return _Summary(error=f"not a 3D volume (shape {data.shape})")
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        return _Summary(error="invalid (singular or non-finite) affine")
+    if affine_problem(affine):
+        return _Summary(error=affine_problem(affine))
     grid = Grid(data.shape, affine)
     if not check_data:
         return _Summary(grid=grid)
-    problems = []
-    if np.issubdtype(data.dtype, np.floating):
-        n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        if n_bad:
-            problems.append(f"{n_bad} NaN/inf voxel(s)")
+    problems = [p for p in (voxel_problem(data, kind),) if p]
     labels = None
     if kind == "seg" and not problems:
         ids = np.unique(np.rint(data).astype(np.int64))
@@ -100,6 +98,47 @@ def _summarise(path: Path, kind: str, check_data: bool) -> _Summary:
         what = "all zero" if data.flat[0] == 0 else f"constant ({data.flat[0]})"
         problems.append(f"image is {what}: nothing to register")
     return _Summary(grid=grid, error="; ".join(problems) or None, labels=labels)
+
+
+def world_gap(a: Grid, b: Grid) -> float:
+    """Distance (mm) between the world bounding boxes of two grids' voxels (each voxel counted to its faces);
+    0 when they overlap."""
+    def box(g: Grid) -> tuple[np.ndarray, np.ndarray]:
+        corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in g.shape], indexing="ij")).reshape(3, -1)
+        world = g.affine[:3, :3] @ corners + g.affine[:3, 3:4]
+        return world.min(1), world.max(1)
+
+    (alo, ahi), (blo, bhi) = box(a), box(b)
+    gaps = np.maximum(0.0, np.maximum(alo - bhi, blo - ahi))
+    return float(np.sqrt((gaps**2).sum()))
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What is wrong with a voxel -> mm affine (non-finite, or singular: no world position), or None."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        return "invalid (singular or non-finite) affine"
+    return None
+
+
+def voxel_problem(data: np.ndarray, kind: str = "image") -> str | None:
+    """What is wrong with a volume's values, or None: NaN/inf voxels, values beyond float32's range (they would
+    become inf on the working grid), and for a label map (``kind`` ``"seg"``) non-integer ids (rounding 1.5 or
+    10.4 to a structure would be silent)."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return None
+    finite = np.isfinite(data)
+    n_bad = int(np.size(data) - np.count_nonzero(finite))
+    if n_bad:
+        return f"{n_bad} NaN/inf voxel(s)"
+    n_big = int(np.count_nonzero(np.abs(data) > np.finfo(np.float32).max))
+    if n_big:
+        return f"{n_big} voxel(s) beyond float32's range (|value| > 3.4e38)"
+    if kind == "seg":
+        off = data[data != np.rint(data)]
+        if off.size:
+            return f"label map holds non-integer values (e.g. {float(off.flat[0]):g}); label ids must be integers"
+    return None
 
 
 def read_pairs(csv_path: str | os.PathLike) -> tuple[list[dict[str, str]], list[str], list[str]]:
@@ -192,6 +231,19 @@ class _Checker:
                         f"with column '{side}' file {row[side]}: {ref_s.grid!r} (affine {_fmt(ref_s.grid.affine)})"
                     )
 
+    def overlap(self, where: str, row: dict[str, str], fixed: Path, moving: Path) -> None:
+        """The moving image must overlap the fixed image in world space (through their affines): one that does not
+        would be resampled to an all-zero image and 'registered' as such."""
+        f, m = self.cache.get((fixed, "image")), self.cache.get((moving, "image"))
+        if f is None or m is None or f.grid is None or m.grid is None:
+            return
+        gap = world_gap(f.grid, m.grid)
+        if gap > 0:
+            self.problems.append(
+                f"{where}, column 'moving', file {row['moving']}: does not overlap the fixed image {row['fixed']} in "
+                f"world space (its affine puts it {gap:.0f} mm away); check the affine"
+            )
+
     def pair(self, i: int, where: str, row: dict[str, str], fixed: Path, moving: Path) -> None:
         """No pair twice; with ``single_fixed``, every row's fixed image is row 0's (the file or a copy)."""
         ident = (fixed.resolve(), moving.resolve())
@@ -246,6 +298,7 @@ def validate_pairs(
         check.grids(where, row, paths)
         if paths["fixed"] is not None and paths["moving"] is not None:
             check.pair(i, where, row, paths["fixed"], paths["moving"])
+            check.overlap(where, row, paths["fixed"], paths["moving"])
             records.append(PairRecord(i, **{c: paths[c] for c in _ALL}))
     if problems:
         raise DataValidationError(csv_path, problems)
