@@ -6,6 +6,7 @@ range or runs to a finite result."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blob
+from omegaconf import OmegaConf
 
 from learnsim import api
 from learnsim.cli import register as register_cli
@@ -25,6 +27,7 @@ from learnsim.divergence import FitDiverged
 from learnsim.kernels import use_backend
 from learnsim.metric import build_metric
 from learnsim.metric_checkpoint import load_learnt_metric
+from learnsim.ranges import CONFIG_KEYS, REGISTER_KEYS, check_config, warn_ignored_lr
 from learnsim.registration import VariationalRegistration
 from learnsim.transformation import SVF
 
@@ -285,3 +288,113 @@ def test_metric_with_nan_weights_is_refused(pair):
         next(metric.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN or inf"):
         api.register(pair["fixed"], pair["moving"], metric, no_iters=2, no_samples=0)
+
+
+# ------------------------------------------------------------------------------------------- 11, 12: settings
+def test_learnsim_test_refuses_negative_or_nan_weights_and_unknown_split(cfg_test, tmp_path):
+    """Issue 29 items 11, 12: metric.energy.weight=-100 ran (DSC 0.824 -> 0.150, rc 0); split=foo evaluated the
+    validation pairs."""
+    from learnsim.cli.test import evaluate
+
+    for key, value in (("metric.energy.weight", -100.0), ("reg_loss.w_reg", -5.0), ("reg_loss.w_reg", float("nan")),
+                       ("q_v.rank", 0), ("metric.energy.weight", float("inf")), ("split", "foo")):
+        cfg = cfg_test.copy()
+        OmegaConf.update(cfg, key, value)
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            evaluate(cfg, tmp_path / "run")
+    cfg = cfg_test.copy()
+    cfg.device = "cuda" if not torch.cuda.is_available() else "foo"
+    with pytest.raises(ValueError, match="device"):
+        evaluate(cfg, tmp_path / "run")
+
+
+def test_learnsim_train_refuses_negative_weights(cfg_train):
+    """Issue 29 item 11: learnsim-train accepted reg_loss.w_reg=-5 and NaN weights."""
+    from learnsim.cli.train import train
+
+    for key, value in (("reg_loss.w_reg", -5.0), ("metric.energy.weight", float("nan")), ("q_v.lr", float("inf"))):
+        cfg = cfg_train.copy()
+        OmegaConf.update(cfg, key, value)
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            train(cfg)
+
+
+def test_q_v_lr_under_level_lr_warns(cfg_test, capsys):
+    """Issue 29 item 11: q_v.lr was silently ignored under q_v=c2f (every demo experiment)."""
+    msg = warn_ignored_lr(cfg_test, "learnsim-test", overrides=["q_v.lr=0.2"])
+    assert msg is not None and "q_v.level_lr" in msg and "ignored" in capsys.readouterr().err
+    assert warn_ignored_lr(cfg_test, "learnsim-test", overrides=["q_v.no_iters=3"]) is None
+
+
+# ------------------------------------------------------------------------------------------- fuzz
+FUZZ = [0, -1, float("nan"), float("inf"), 1e30, 10**30]
+
+
+def _outcome(run, key: str) -> str:
+    """``"ran"``, or ``"refused"`` with one line naming ``key`` (or the divergence); anything else fails the test."""
+    try:
+        run()
+        return "ran"
+    except (SystemExit, ValueError) as exc:
+        msg = str(exc.code if isinstance(exc, SystemExit) else exc)
+        assert "\n" not in msg and "Traceback" not in msg, (key, msg)
+        assert key.split(".")[-1] in msg or "diverged" in msg, (key, msg)
+        return "refused"
+
+
+@pytest.mark.parametrize("key", sorted(REGISTER_KEYS))
+def test_fuzz_register_numeric_keys(pair, tmp_path, key):
+    """Every numeric key of learnsim-register with 0, -1, nan, inf, 1e30 and a huge int: refused with one line
+    naming the key (and its range), or a run to finite outputs; never a signal or a traceback."""
+    for i, value in enumerate(FUZZ):
+        out = tmp_path / f"out{i}"
+        if _outcome(lambda out=out, value=value: _cli(pair, out, f"{key}={value}"), key) == "ran":
+            disp = np.asarray(nib.load(out / "disp_mm.nii.gz").dataobj)
+            assert np.isfinite(disp).all(), (key, value)
+        else:
+            assert not out.exists()
+
+
+def _config_keys(cfg) -> list[str]:
+    return [k for k in CONFIG_KEYS if OmegaConf.select(cfg, k, default="<absent>") != "<absent>"]
+
+
+def test_fuzz_learnsim_test_numeric_keys(cfg_test, tmp_path):
+    """The same for every numeric key of learnsim-test (the shared table, learnsim.ranges); values that pass run
+    the phantom test pair at 16^3 with 3 q_v iterations to a finite result (or a pair reported failed)."""
+    from learnsim.cli.test import evaluate
+
+    ran = []
+    for key in _config_keys(cfg_test):
+        for i, value in enumerate(FUZZ):
+            cfg = cfg_test.copy()
+            OmegaConf.update(cfg, key, value)
+            out = tmp_path / f"{key}_{i}"
+            result: dict = {}
+            if _outcome(lambda cfg=cfg, out=out, result=result: result.update(evaluate(cfg, out)), key) == "ran":
+                ran.append((key, value))
+                assert result["n_pairs"] + result.get("n_failed", 0) == 1, (key, value)
+                if result["n_pairs"]:
+                    assert math.isfinite(result["overall"]["dsc"]["mean"]), (key, value)
+    assert ("q_v.u_init", 0) in ran and ("reg_loss.w_reg", 0) in ran  # the values in range did run
+
+
+def test_fuzz_learnsim_train_numeric_keys(cfg_train, tmp_path):
+    """The same for every numeric key of learnsim-train: out-of-range values are refused before training starts;
+    the values in range are the ones the table accepts (each already runs in learnsim-test's fuzz), and one of
+    them trains one epoch to a finite loss."""
+    from learnsim.cli.train import train
+
+    accepted = []
+    for key in _config_keys(cfg_train):
+        for value in FUZZ:
+            cfg = cfg_train.copy()
+            OmegaConf.update(cfg, key, value)
+            if _outcome(lambda cfg=cfg: check_config(cfg), key) == "ran":
+                accepted.append((key, value))
+    assert all(v in (0, -1) for _k, v in accepted), accepted
+    cfg = cfg_train.copy()
+    OmegaConf.update(cfg, "reg_loss.w_reg", 0)
+    OmegaConf.update(cfg, "q_v.u_init", -1)
+    result = train(cfg)
+    assert result["ckpt"] is not None and all(math.isfinite(v) for v in result["metrics"].values())

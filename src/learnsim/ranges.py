@@ -104,7 +104,7 @@ RANGES: dict[str, Range] = {
     "log_period": Range("int", 1, 10**9),
     "no_iters_warm": Range("int", 1, 1_000_000, nullable=True),
     "optimizer_lr": Range("float", 0, 1e4, low_open=True, nullable=True),
-    "max_epochs": Range("int", -1, 10**6, nullable=True),
+    "max_epochs": Range("int", 0, 10**6, nullable=True),  # -1 (Lightning: no limit) would run until max_time
 }
 
 #: ``learnsim-register`` / :func:`learnsim.register` keyword -> concept
@@ -151,6 +151,7 @@ def check_register_settings(settings: Mapping[str, Any]) -> None:
 
 
 _ABSENT = object()
+_PER_LEVEL = ("q_v.level_iters", "q_v.level_lr")  # lists in a config (learnsim-register also takes one number)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -165,6 +166,9 @@ def check_config(cfg: DictConfig) -> None:
             continue
         if key == "data.dims" and isinstance(value, int) and not isinstance(value, bool):
             value = [value]
+        if key in _PER_LEVEL and value is not None and not isinstance(value, (list, tuple, ListConfig)):
+            raise ValueError(f"{key} must be null or a list of {RANGES[concept].describe()}, one per level, "
+                             f"coarsest first; got {value!r}")
         check_value(key, value, concept)
 
 
