@@ -222,3 +222,122 @@ def test_resuming_with_a_replaced_atlas_warns_and_uses_the_new_one(tmp_path):
     with warnings.catch_warnings():  # the checkpoint now records the new atlas: no warning on the next resume
         warnings.filterwarnings("error", message=".*atlas differs.*")
         _resume(tmp_path / "run", NewAtlas(n=4, batch_size=2), max_epochs=3)
+
+
+# ---------------------------------------------------------------------------------------------- 5: run folders
+def _hydra_main(module, argv, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        module.main()
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_run_folders(tmp_path, monkeypatch):
+    from learnsim.cli import test as test_cli
+
+    def evaluate(cfg, out_dir=None):
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+        (out / "metrics.csv").write_text(f"run {len(list(out.parent.iterdir()))}")
+        return {}
+
+    monkeypatch.setattr(test_cli, "evaluate", evaluate)
+    # the run folder's time stamp at a resolution of one year: both runs start "in the same second"
+    argv = ["learnsim-test", "metric=ssd", "logger=none", f"paths.root_dir={tmp_path}",
+            "hydra.run.dir=${paths.log_dir}/${task}/${name}/${now:%Y}"]
+    assert _hydra_main(test_cli, argv, monkeypatch) == 0
+    assert _hydra_main(test_cli, argv, monkeypatch) == 0
+    runs = sorted((tmp_path / "runs" / "test" / "eval").iterdir())
+    assert len(runs) == 2 and runs[1].name == runs[0].name + "_1"
+    assert [(r / "metrics.csv").read_text() for r in runs] == ["run 1", "run 2"]
+    assert all((r / ".hydra" / "config.yaml").is_file() for r in runs)
+    # a run folder named on purpose (no time stamp) is used as it is
+    fixed = tmp_path / "mine"
+    assert _hydra_main(test_cli, [*argv[:-1], f"hydra.run.dir={fixed}"], monkeypatch) == 0
+    assert (fixed / "metrics.csv").is_file() and not (tmp_path / "mine_1").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 6: last.ckpt
+def test_checkpoint_write_failing_midway_keeps_the_previous_last_ckpt(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+    import torch
+
+    from learnsim.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    assert use_atomic_checkpoints(trainer) and isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    io = trainer.strategy.checkpoint_io
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.ones(3)}}, last)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # most of the bytes reach the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 2, "state_dict": {"w": torch.zeros(3)}}, last)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(last, weights_only=True)["epoch"] == 1, "the good last.ckpt was damaged"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"], "a temporary file stayed behind"
+
+
+def test_train_cli_saves_checkpoints_atomically(monkeypatch, tmp_path):
+    """learnsim-train's trainer uses AtomicCheckpointIO (fit is stubbed: only the wiring is checked)."""
+    from hydra import compose, initialize_config_dir
+
+    import learnsim.cli.train as train_cli
+    from learnsim.checkpoint_io import AtomicCheckpointIO
+    from learnsim.cli.config import config_dir
+
+    seen = {}
+
+    def fit(self, *args, **kwargs):
+        seen["io"] = type(self.strategy.checkpoint_io)
+
+    monkeypatch.setattr(train_cli.pl.Trainer, "fit", fit)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", ["+experiment=demo", "logger=none", f"paths.root_dir={tmp_path}",
+                                f"paths.output_dir={tmp_path}/run"])
+    train_cli.train(cfg)
+    assert seen["io"] is AtomicCheckpointIO
+
+
+# ---------------------------------------------------------------------------------------------- 17/18: train CLI
+@pytest.mark.parametrize("failure", ["ctrl_c", "disk_full", "bug"])
+def test_train_cli_failures_exit_cleanly_and_leave_no_run_folder(failure, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import learnsim.cli.train as train_cli
+
+    def fit(self, *args, **kwargs):
+        if failure == "ctrl_c":  # what Lightning does with a KeyboardInterrupt inside fit
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                sys.exit(1)
+        if failure == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "last.ckpt"))
+        raise RuntimeError("an unexpected bug")
+
+    monkeypatch.delenv("LEARNSIM_DEBUG", raising=False)
+    monkeypatch.setattr(train_cli.pl.Trainer, "fit", fit)
+    argv = ["learnsim-train", "+experiment=demo", "logger=none", f"paths.root_dir={tmp_path}"]
+    code = _hydra_main(train_cli, argv, monkeypatch)
+    err = capsys.readouterr().err
+    if failure == "bug":  # a bug keeps its traceback (Hydra prints it and exits 1)
+        assert code == 1 and "an unexpected bug" in err
+    elif failure == "ctrl_c":
+        assert code == 130 and "learnsim-train: interrupted" in err
+    else:
+        assert code == "learnsim-train: No space left on device writing " + str(tmp_path / "last.ckpt") + \
+            " (free some space or choose another output folder)"
+    runs = tmp_path / "runs" / "train"
+    assert not [p for p in runs.rglob("*") if p.is_dir() and p.parent.parent == runs], "a run folder stayed"

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from learnsim.interrupt import disk_error, interrupt_status
+
 
 def config_dir() -> str:
     env = os.environ.get("LEARNSIM_CONF")
@@ -73,8 +75,9 @@ def run_guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> 
     """Run a Hydra task ``fn(cfg)``; a bad input or Ctrl-C ends the program with one message, not a traceback.
 
     Bad inputs (``ValueError`` such as :class:`~learnsim.data.validate.DataValidationError`, missing files, Hydra and
-    OmegaConf errors) exit with status 1 and ``"<prog>: <message>"``; Ctrl-C exits with status 130. In both cases
-    the run folder is removed if it holds only Hydra's start-up files (never anything else). Set
+    OmegaConf errors) and a full disk exit with status 1 and ``"<prog>: <message>"``; Ctrl-C exits with status 130,
+    SIGTERM (:mod:`learnsim.interrupt`) with 143. On any failure the run folder is removed if it holds only Hydra's
+    start-up files (never anything else). Set
     ``LEARNSIM_DEBUG=1`` to get the full traceback instead.
     """
     from hydra.core.hydra_config import HydraConfig
@@ -83,19 +86,28 @@ def run_guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> 
     debug = bool(os.environ.get("LEARNSIM_DEBUG"))
     try:
         return fn(cfg)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
         removed = remove_empty_run_dir(run_dir)
         print(f"{prog}: interrupted" + (f"; removed the empty run folder {run_dir}" if removed else ""), file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(interrupt_status(exc)) from None
     except SystemExit as exc:
         if exc.code not in (0, None):
             remove_empty_run_dir(run_dir)
         raise
-    except _user_errors() as exc:
-        if debug:
+    except Exception as exc:
+        remove_empty_run_dir(run_dir)  # any failure: a run folder holding only Hydra's files does not stay
+        line = None if debug else _one_line(prog, exc)
+        if line is None:
             raise
-        remove_empty_run_dir(run_dir)
+        raise SystemExit(line) from None
+
+
+def _one_line(prog: str, exc: Exception) -> str | None:
+    """The one-line message of a bad input or a full disk; None for anything else (a bug: its traceback)."""
+    if isinstance(exc, _user_errors()):
         msg = str(exc)
-        raise SystemExit(msg if msg.startswith(f"{prog}:") else f"{prog}: {msg}") from None
+        return msg if msg.startswith(f"{prog}:") else f"{prog}: {msg}"
+    disk = disk_error(exc)
+    return f"{prog}: {disk}" if disk else None

@@ -159,6 +159,16 @@ def cli_entry(hydra_main: Callable[[], None], help_text: Callable[[], str]) -> C
         if wants_help(sys.argv[1:]):
             print(help_text(), end="")
             return
-        hydra_main()
+        from learnsim.cli.run_dir import with_run_dir_callback
+        from learnsim.interrupt import interrupt_status, sigterm_as_interrupt
+
+        # a run folder of its own, also for runs started in the same second (learnsim.cli.run_dir)
+        sys.argv = [sys.argv[0], *with_run_dir_callback(sys.argv[1:])]
+        try:
+            with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (learnsim.interrupt)
+                hydra_main()
+        except KeyboardInterrupt as exc:  # outside the task (composing the config): no traceback either
+            print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+            raise SystemExit(interrupt_status(exc)) from None
 
     return main

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from learnsim.checkpoint_io import use_atomic_checkpoints
 from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
@@ -44,9 +45,15 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     logger = build_logger(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    use_atomic_checkpoints(trainer)  # last.ckpt written beside itself and renamed: a full disk never damages it
     if logger:
         logger.log_hyperparams(to_container(cfg))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SystemExit as exc:  # Lightning ends a Ctrl-C (or SIGTERM) with exit(1): give it back as the interrupt
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
     ckpt = last_checkpoint(trainer)
     if trainer.is_global_zero:
         log.info("last checkpoint: %s", ckpt)
