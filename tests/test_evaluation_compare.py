@@ -115,8 +115,8 @@ def test_compare_runs_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert table.loc[1, "dsc_mean"] - table.loc[0, "dsc_mean"] == pytest.approx(0.05)
     for png in ("boxplots.png", "calibration.png"):
         assert (out / png).stat().st_size > 5_000
-    # a folder that is not a run: a clear error and exit code 2
-    assert script["main"]([str(a), str(tmp_path / "nope"), "--out", str(out)]) == 2
+    # a folder that is not a run: a clear error and exit code 1
+    assert script["main"]([str(a), str(tmp_path / "nope"), "--out", str(out)]) == 1
     assert "no metrics.csv" in capsys.readouterr().err
 
 

@@ -341,3 +341,58 @@ def test_train_cli_failures_exit_cleanly_and_leave_no_run_folder(failure, tmp_pa
             " (free some space or choose another output folder)"
     runs = tmp_path / "runs" / "train"
     assert not [p for p in runs.rglob("*") if p.is_dir() and p.parent.parent == runs], "a run folder stayed"
+
+
+# ---------------------------------------------------------------------------------------------- 13, 17/18: compare
+def _run_folder(folder: Path, pairs: list[str], dsc: float) -> Path:
+    import json
+
+    import pandas as pd
+
+    rows = [{"pair": p, "sample": s, "structure": name, "label": label, "dsc": dsc + 0.01 * i, "asd_mm": 1.0,
+             "hd95_mm": 3.0}
+            for i, p in enumerate(pairs) for label, name in ((10, "L thalamus"), (49, "R thalamus")) for s in range(2)]
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    pd.DataFrame({"pair": pairs, "folding_voxels": 0, "sdlogj": 0.1, "seconds": 1.0}).to_csv(folder / "per_pair.csv",
+                                                                                             index=False)
+    (folder / "summary.json").write_text(json.dumps({"run": folder.name}))
+    return folder
+
+
+def test_compare_refuses_runs_over_different_pairs(tmp_path, capsys):
+    from learnsim.cli.compare import main
+
+    a = _run_folder(tmp_path / "a", ["p0", "p1", "p2"], 0.6)
+    b = _run_folder(tmp_path / "b", ["p3", "p4", "p5"], 0.7)
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp"), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert "different pairs" in err and "lacks 3 pair(s)" in err and "p0" in err
+    assert not (tmp_path / "cmp" / "wilcoxon.csv").exists()
+    c = _run_folder(tmp_path / "c", ["p0", "p1", "p2"], 0.7)
+    assert main([str(a), str(c), "--out", str(tmp_path / "cmp"), "--no-figures"]) == 0
+
+
+@pytest.mark.parametrize("where", ["file", "root"])
+def test_compare_refuses_an_out_that_is_a_file_or_the_root(where, tmp_path, capsys):
+    from learnsim.cli.compare import main
+
+    a, b = _run_folder(tmp_path / "a", ["p0", "p1"], 0.6), _run_folder(tmp_path / "b", ["p0", "p1"], 0.7)
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert main([str(a), str(b), "--out", str(out) if where == "file" else "/", "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("learnsim-compare: --out") and "Traceback" not in err
+    assert out.read_text() == "mine" and not Path("/summary_table.csv").exists()
+
+
+def test_compare_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
+    from learnsim.cli import compare as compare_cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("learnsim.evaluation.compare.compare_runs", interrupted)
+    a, b = _run_folder(tmp_path / "a", ["p0", "p1"], 0.6), _run_folder(tmp_path / "b", ["p0", "p1"], 0.7)
+    assert compare_cli.main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 130
+    assert "learnsim-compare: interrupted" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Terminated", "sigterm_as_interrupt", "interrupt_status", "disk_error"]
+__all__ = ["Terminated", "sigterm_as_interrupt", "interrupt_status", "disk_error", "input_error"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -54,3 +54,13 @@ def disk_error(exc: BaseException) -> str | None:
         return None
     where = f" writing {exc.filename}" if exc.filename else ""
     return f"{exc.strerror or exc}{where} (free some space or choose another output folder)"
+
+
+def input_error(exc: BaseException) -> str | None:
+    """One line for an error the user can act on: a bad input (``ValueError``), a missing, unreadable or misplaced
+    file, or a full disk; None for anything else (a bug keeps its traceback)."""
+    if isinstance(exc, ValueError) or isinstance(
+        exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+    ):
+        return str(exc)
+    return disk_error(exc)

@@ -16,8 +16,10 @@ files; one run is enough.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -52,9 +54,49 @@ def _table(runs: Sequence[str], per_pair: bool) -> None:
         )
 
 
+def _pairs(run: str) -> set[str] | None:
+    """The pairs a run folder's ``metrics.csv`` holds (None when it cannot be read: loading the run says why)."""
+    import pandas as pd
+
+    try:
+        return set(pd.read_csv(Path(run) / "metrics.csv", usecols=["pair"], dtype={"pair": str})["pair"])
+    except (OSError, ValueError):
+        return None
+
+
+def pair_set_differences(runs: Sequence[str]) -> list[str]:
+    """For each run evaluated on other pairs than the first, what differs (empty: every run has the same pairs)."""
+    ref = _pairs(runs[0])
+    problems = []
+    for run in runs[1:]:
+        pairs = _pairs(run)
+        if ref is None or pairs is None or pairs == ref:
+            continue
+        missing, extra = sorted(ref - pairs), sorted(pairs - ref)
+        parts = [f"lacks {len(missing)} pair(s) of {runs[0]} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"] if missing else []
+        parts += [f"has {len(extra)} pair(s) {runs[0]} lacks ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"] if extra else []
+        problems.append(f"{run} {' and '.join(parts)}")
+    return problems
+
+
+def _check_out(out: str) -> None:
+    """Refuse an ``--out`` that is an existing file, ``/`` or the home folder."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    target = path.resolve()
+    if target == Path(target.anchor) or target == Path.home().resolve():
+        raise ValueError(f"--out {out} is {target}, the root or home folder; choose a folder for the comparison")
+
+
 def _compare(args: argparse.Namespace) -> None:
     from learnsim.evaluation.compare import compare_runs, format_summary
 
+    _check_out(args.out)
+    differences = pair_set_differences(args.runs)
+    if differences:  # paired tests over different pairs pair nothing (n = 0, NaN)
+        raise ValueError("the runs were evaluated on different pairs: " + "; ".join(differences)
+                         + " (compare runs evaluated on the same pair list)")
     res = compare_runs(args.runs, args.out, labels=args.labels, pairing=args.pairing, figures=not args.no_figures)
     print(format_summary(res["summary"]))
     tests = res["wilcoxon"]
@@ -69,17 +111,30 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``learnsim-compare``; returns the exit status (2 for a folder that is not a run)."""
+    """Entry point of ``learnsim-compare``; returns the exit status: 1 with one line for a folder that is not a run,
+    runs over different pairs, a bad ``--out`` or a full disk; 130 / 143 on Ctrl-C / SIGTERM."""
+    from learnsim.interrupt import input_error, interrupt_status, sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
     try:
-        if args.table:
-            _table(args.runs, args.per_pair)
-        else:
-            _compare(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"learnsim-compare: {exc}", file=sys.stderr)
-        return 2
+        with sigterm_as_interrupt():
+            if args.table:
+                for line in pair_set_differences(args.runs):
+                    print(f"learnsim-compare: note: {line}", file=sys.stderr)
+                _table(args.runs, args.per_pair)
+            else:
+                _compare(args)
+    except KeyboardInterrupt as exc:
+        print("learnsim-compare: interrupted", file=sys.stderr)
+        return interrupt_status(exc)
+    except (ValueError, OSError) as exc:  # bad inputs (missing files, a folder refused), a full disk
+        line = input_error(exc)
+        if line is None or os.environ.get("LEARNSIM_DEBUG"):
+            raise
+        print(f"learnsim-compare: {line}", file=sys.stderr)
+        return 1
     return 0
+
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``learnsim-data``: 0 on success; 1 with one line on a bad input or a full disk; 130 / 143 on
     Ctrl-C / SIGTERM (``LEARNSIM_DEBUG=1`` shows the traceback instead of the one line)."""
-    from learnsim.interrupt import disk_error, interrupt_status, sigterm_as_interrupt
+    from learnsim.interrupt import input_error, interrupt_status, sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
@@ -105,18 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("learnsim-data: interrupted", file=sys.stderr)
         return interrupt_status(exc)
     except (ValueError, OSError) as exc:  # bad inputs (missing files, a folder refused), a full disk
-        if os.environ.get("LEARNSIM_DEBUG") or (isinstance(exc, OSError) and not _user_os_error(exc)):
+        line = input_error(exc)
+        if line is None or os.environ.get("LEARNSIM_DEBUG"):
             raise
-        print(f"learnsim-data: {disk_error(exc) or exc}", file=sys.stderr)
+        print(f"learnsim-data: {line}", file=sys.stderr)
         return 1
 
-
-def _user_os_error(exc: OSError) -> bool:
-    """An OSError the user can act on from one line: a missing or unreadable file, or a full disk."""
-    from learnsim.interrupt import disk_error
-
-    return isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                            FileExistsError)) or disk_error(exc) is not None
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
