@@ -396,3 +396,18 @@ def test_compare_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     a, b = _run_folder(tmp_path / "a", ["p0", "p1"], 0.6), _run_folder(tmp_path / "b", ["p0", "p1"], 0.7)
     assert compare_cli.main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 130
     assert "learnsim-compare: interrupted" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- 17/18: pair lists
+def test_symlink_loop_in_a_pair_list_is_one_named_problem(pair, tmp_path, capsys):
+    from learnsim.cli import data as data_cli
+    from learnsim.data.validate import DataValidationError, validate_pairs
+
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"fixed,moving,fixed_mask,moving_mask,fixed_seg,moving_seg\n{pair['fixed']},loop1,,,,\n")
+    with pytest.raises(DataValidationError, match="column 'moving', file loop1: a symbolic link loop"):
+        validate_pairs(csv)
+    assert data_cli.main(["validate", str(csv)]) == 1
+    assert "symbolic link loop" in capsys.readouterr().err

@@ -9,6 +9,7 @@ the line number in the file.
 from __future__ import annotations
 
 import csv
+import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,8 +71,27 @@ class _Summary:
     labels: frozenset[int] | None = None
 
 
+def _link_loop(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link that leads back to itself (ELOOP)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _resolved(path: Path) -> Path:
+    """``path.resolve()``; the absolute path for a link loop (reported by :func:`_summarise`, never a crash)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 on a symlink loop
+        return path.absolute()
+
+
 def _summarise(path: Path, kind: str, check_data: bool) -> _Summary:
     """Read a volume once and keep only what the checks need (shape, affine, problems, label set)."""
+    if _link_loop(path):
+        return _Summary(error="a symbolic link loop (the link leads back to itself); point it at the file")
     try:
         data, affine = load_nifti(path)
     except FileNotFoundError:
@@ -246,7 +266,7 @@ class _Checker:
 
     def pair(self, i: int, where: str, row: dict[str, str], fixed: Path, moving: Path) -> None:
         """No pair twice; with ``single_fixed``, every row's fixed image is row 0's (the file or a copy)."""
-        ident = (fixed.resolve(), moving.resolve())
+        ident = (_resolved(fixed), _resolved(moving))
         if ident in self.seen_pairs:
             j = self.seen_pairs[ident]
             self.problems.append(
@@ -311,7 +331,7 @@ def same_file(a: Path, b: Path) -> bool:
         if a.resolve() == b.resolve():
             return True
         return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 
