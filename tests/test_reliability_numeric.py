@@ -398,3 +398,15 @@ def test_fuzz_learnsim_train_numeric_keys(cfg_train, tmp_path):
     OmegaConf.update(cfg, "q_v.u_init", -1)
     result = train(cfg)
     assert result["ckpt"] is not None and all(math.isfinite(v) for v in result["metrics"].values())
+
+
+def test_learnsim_train_stops_on_a_diverged_fit(cfg_train):
+    """Issue 29 item 8: learnsim-train with a learning rate that diverges stops with the divergence (one line from
+    the CLI's guard: a ValueError), not with NaN metric weights."""
+    from learnsim.cli.train import train
+
+    cfg = cfg_train.copy()
+    cfg.q_v.level_lr = [1000.0, 1000.0, 1000.0]
+    cfg.q_v.level_iters = [16, 16, 16]
+    with pytest.raises(FitDiverged, match="diverged"):
+        train(cfg)
