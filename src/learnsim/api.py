@@ -123,9 +123,17 @@ def _check_not_constant(x: np.ndarray | Tensor, name: str, mask: np.ndarray | Te
         raise ValueError(f"{name}: image is {what}{where}: nothing to register")
 
 
+#: the keyword arguments of :func:`register` that :func:`_check_settings` checks
+_CHECKED = ("no_iters", "no_steps", "int_downsize", "cps", "rank", "no_samples", "sobolev_s", "lr", "w_reg",
+            "sigma_init", "sobolev_lambda", "histmatch", "sobolev", "transformation", "dims", "levels", "level_iters",
+            "level_lr", "u_init", "seed", "data_weight")
+
+
 def _check_settings(**kw: Any) -> None:
     """Refuse out-of-range settings, naming the key (``no_iters=-5`` would silently run zero iterations): the
     numbers against the shared table :mod:`learnsim.ranges`, the switches and the transformation here."""
+    if isinstance(kw.get("dims"), int) and not isinstance(kw.get("dims"), bool):
+        kw["dims"] = (kw["dims"],)
     check_register_settings(kw)
     rules = {
         "histmatch": (lambda v: isinstance(v, bool), "true or false"),
@@ -254,11 +262,7 @@ def register(
         progress, on_level: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels),
             ``on_level(level, no_levels, shape, no_iters)`` before each level.
     """
-    _check_settings(no_iters=no_iters, no_steps=no_steps, int_downsize=int_downsize, cps=cps, rank=rank, no_samples=no_samples, sobolev_s=sobolev_s,
-                    lr=lr, w_reg=w_reg, sigma_init=sigma_init, sobolev_lambda=sobolev_lambda, histmatch=histmatch,
-                    sobolev=sobolev, transformation=transformation, dims=(dims,) if isinstance(dims, int) else dims,
-                    levels=levels, level_iters=level_iters, level_lr=level_lr, u_init=u_init, seed=seed,
-                    data_weight=data_weight)
+    _check_settings(**{k: v for k, v in locals().items() if k in _CHECKED})  # before anything runs
     kind, dev = TransformationKind(transformation), resolve_device(device)
     data_weight = parse_data_weight(data_weight)
     auto = data_weight == "auto"
