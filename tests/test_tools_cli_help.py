@@ -47,7 +47,8 @@ def test_help_lists_experiments_groups_and_keys(module, prog, keys, monkeypatch,
         line = next(ln for ln in groups.splitlines() if ln.strip().startswith(group + " "))
         for option in options:
             assert option in line, (group, option)
-    default_metric = {"learnsim-train": "cnn_lcc, cnn_ssd*, lcc, ssd", "learnsim-test": "cnn_lcc, cnn_ssd, lcc, ssd*"}
+    default_metric = {"learnsim-train": "cnn_lcc, cnn_ssd*, cnn_ssd_t, lcc, ssd, ssd_t",
+                      "learnsim-test": "cnn_lcc, cnn_ssd, cnn_ssd_t, lcc, ssd*, ssd_t"}
     assert f"  metric          {default_metric[prog]}\n" in groups  # the default option is marked
     key_part = page.split("Keys you will change")[1]
     for key in keys:

@@ -213,21 +213,12 @@ def register(
     transformation: str = "svf",
     no_steps: int | str = REGISTER_NO_STEPS, int_downsize: int = REGISTER_INT_DOWNSIZE,
     cps: int = 2,
-    no_iters: int | None = None,
-    lr: float | None = None,
-    w_reg: float | None = None,
-    data_weight: float | str | None = None,
-    likelihood: LikelihoodLearning | None = None,
+    no_iters: int | None = None, lr: float | None = None, w_reg: float | None = None,
+    data_weight: float | str | None = None, likelihood: LikelihoodLearning | None = None,
     histmatch: bool = REGISTER_HISTMATCH,
-    levels: int | None = None,
-    level_iters: Any = None,
-    level_lr: Any = None,
-    sigma_init: float = 0.5,
-    u_init: float = 0.1,
-    rank: int = 1,
-    sobolev: bool = True,
-    sobolev_s: int = 3,
-    sobolev_lambda: float = 0.5,
+    levels: int | None = None, level_iters: Any = None, level_lr: Any = None,
+    sigma_init: float = 0.5, u_init: float = 0.1, rank: int = 1,
+    sobolev: bool = True, sobolev_s: int = 3, sobolev_lambda: float = 0.5,
     no_samples: int = 5,
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -253,23 +244,15 @@ def register(
             sets every level's learning rate.
         w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
         data_weight: the likelihood precision (``metric.energy.weight``); None: :data:`learnsim.defaults.REGISTER`'s;
-            ``"auto"``: learnt inside the fit by variational Bayes (:mod:`learnsim.likelihood`; every
-            ``likelihood.update_every`` steps and at each level), starting from the metric's weight (a baseline's:
-            1, the paper's); where it settled is ``output.fit.precision`` (``registration.json`` from the CLI).
-        likelihood: how ``"auto"`` learns it (prior, decimation, update interval); None: the defaults of
-            :class:`~learnsim.likelihood.LikelihoodLearning`.
+            ``"auto"``: learnt in the fit by variational Bayes (:mod:`learnsim.likelihood`), reported in
+            ``output.fit.precision``. likelihood: how (:class:`~learnsim.likelihood.LikelihoodLearning`).
         histmatch: match the moving image's histogram to the fixed image's first (:func:`~learnsim.data.preprocess.match_histogram`).
         progress, on_level: ``progress(iteration, loss [1])`` every few q_v iterations (counted across levels),
             ``on_level(level, no_levels, shape, no_iters)`` before each level.
     """
     _check_settings(**{k: v for k, v in locals().items() if k in _CHECKED})  # before anything runs
     kind, dev = TransformationKind(transformation), resolve_device(device)
-    data_weight = parse_data_weight(data_weight)
-    auto = data_weight == "auto"
-    metric = _resolve_metric(metric, (1.0 if isinstance(metric, str) and not metric.endswith(".ckpt") else None)
-                             if auto else data_weight)
-    if auto and likelihood is None:
-        likelihood = LikelihoodLearning(PrecisionPrior(mean=float(metric.energy.weight)))
+    metric, likelihood = _resolve_likelihood(metric, data_weight, likelihood)
     schedule = register_schedule(metric.energy_kind, levels, no_iters, lr, level_iters, level_lr)
     if schedule.levels > 1 and kind is not TransformationKind.SVF:
         raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
@@ -284,13 +267,25 @@ def register(
         sobolev=SobolevSmoother(sobolev, sobolev_s, sobolev_lambda).to(dev),
         no_iters=schedule.iters[-1], lr=schedule.lr[-1], sigma_init=sigma_init, u_init=u_init, rank=rank,
         uniform_noise=0.0, levels=schedule.levels, level_iters=schedule.iters, level_lr=schedule.lr,
-        likelihood=likelihood if auto else None,
+        likelihood=likelihood,
     )
     moving_t, mask_t = inputs.moving.to(dev), (inputs.mask.to(dev) if inputs.mask is not None else None)
     fit = reg.fit_levels(inputs.fixed.to(dev), moving_t, mask_t, progress=progress, log_every=4 if progress else 0, on_level=on_level)
     out = _outputs(reg, fit, moving_t, inputs.seg, inputs.affine, no_samples, inputs.notes)
     back = inputs.back_to_fixed
     return _reorient(out, back) if back is not None and not np.allclose(back.affine, inputs.affine, atol=1e-6) else out
+
+
+def _resolve_likelihood(metric: str | SimilarityMetric, data_weight: Any,
+                        likelihood: LikelihoodLearning | None) -> tuple[SimilarityMetric, LikelihoodLearning | None]:
+    """The metric and, for ``data_weight="auto"``, how its precision is learnt: a baseline by name starts from the
+    paper's precision 1, a learnt metric (or the caller's) from its own weight (the prior's mean)."""
+    data_weight = parse_data_weight(data_weight)
+    if data_weight != "auto":
+        return _resolve_metric(metric, data_weight), None
+    by_name = isinstance(metric, str) and not metric.endswith(".ckpt")
+    metric = _resolve_metric(metric, 1.0 if by_name else None)
+    return metric, likelihood or LikelihoodLearning(PrecisionPrior(mean=float(metric.energy.weight)))
 
 
 def _resolve_metric(metric: str | SimilarityMetric, data_weight: float | None) -> SimilarityMetric:

@@ -186,7 +186,7 @@ class LikelihoodLearning:
     """
 
     prior: PrecisionPrior = PrecisionPrior()
-    decimation: float | str = "auto"
+    decimation: float | str = 1.0
     update_every: int = 25
     samples: int = 1
 

@@ -378,7 +378,8 @@ class LearnSimModule(pl.LightningModule):
             student = pop.noise == "student_t"
             quad, count, alpha, r2 = reg.residual_statistics(params, feat_fixed, batch["moving"], mask, pop.learning,
                                                              gen, residual_map=student)
-        hists = [ResidualHistogram().add(r2[i], mask) for i in range(r2.shape[0])] if r2 is not None else None
+        hists = ([ResidualHistogram().add(r2[i:i + 1], mask[:1] if mask.shape[0] == 1 else mask[i:i + 1])
+                  for i in range(r2.shape[0])] if r2 is not None else None)
         pop.add(keys, quad.tolist(), count.tolist(), alpha.tolist(), hists)
         self._apply_likelihood(pop.update())
 
@@ -416,7 +417,7 @@ class LearnSimModule(pl.LightningModule):
         with torch.no_grad():
             e_base = metric.energy(fixed, warped, mask)
             scale = {"feature_scale": c.detach(), "raw_feature_rms": masked_rms(raw_fixed.detach(), mask),
-                     "energy_ratio": (e_fixed.detach() / e_base).mean()}
+                     "energy_ratio": _quadratic_ratio(metric, e_fixed.detach(), e_base, mask)}
         return {"loss_phi": loss_phi.detach(), "loss_f": (loss_f if loss_f is not None else torch.zeros(())).detach(),
                 "e_fixed": e_fixed.detach(),
                 "e_q_f": (0.5 * (e_1 + e_2)).detach(), "e_base": e_base, **scale}
@@ -610,6 +611,21 @@ class LearnSimModule(pl.LightningModule):
             logger.log_image(key="train/images", images=images, caption=["atlas", "moving", "warped", "q_f sample", "a(atlas)"], step=self.global_step)
         except Exception:  # image logging is a convenience; never fail training over it
             pass
+
+
+def _quadratic_ratio(metric: SimilarityMetric, e_metric: Tensor, e_base: Tensor, mask: Tensor | None) -> Tensor:
+    """The energy ratio ``rho`` (:mod:`learnsim.energy_ratio`): ``Q`` of the metric over ``Q`` of its baseline, from
+    their energies at the same weight (SSD: the energies' ratio; LCC: ``sum (1 - cc)`` of features over intensities);
+    the mean over the batch. A Student-t metric (not quadratic) gives the energies' ratio."""
+    from learnsim.energies import StudentT
+    from learnsim.likelihood import residual_quadratic
+
+    if isinstance(metric.energy, StudentT):
+        return (e_metric / e_base).mean()
+    numel = int(mask[0].numel()) if mask is not None else 0
+    q_m = residual_quadratic(metric, e_metric, mask, numel)
+    q_b = residual_quadratic(metric, e_base, mask, numel)
+    return (q_m / q_b.clamp_min(1e-30)).mean()
 
 
 def _set_grads(params: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:

@@ -25,6 +25,7 @@ from learnsim.checkpoint import ModuleKind, checkpoint_module, load_checkpoint
 from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
+from learnsim.energy_ratio import matched_precision
 from learnsim.evaluation.run import evaluate as run_evaluation
 from learnsim.grid import as_dims
 from learnsim.metric_checkpoint import load_learnt_metric
@@ -99,12 +100,33 @@ def _check_settings(cfg: DictConfig) -> None:
     warn_ignored_lr(cfg, "learnsim-test")
 
 
+def matched_precision_of(run_dir: str | Path) -> tuple[float, float]:
+    """``(weight, rho)`` of a learnt metric's learnsim-test run: the mean ``data_weight`` and ``energy_ratio`` of its
+    ``per_pair.csv`` over the pairs it registered (one-line error naming the file or the missing column)."""
+    import pandas as pd
+
+    table = Path(run_dir) / "per_pair.csv"
+    if not table.is_file():
+        raise ValueError(f"matched_to: {table} does not exist (give the learnt metric's learnsim-test run folder)")
+    df = pd.read_csv(table)
+    for col in ("data_weight", "energy_ratio"):
+        if col not in df or df[col].isna().all():
+            raise ValueError(f"matched_to: {table} has no {col} column (a run from before learnsim reported it)")
+    return float(df["data_weight"].mean()), float(df["energy_ratio"].mean())
+
+
 def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]]:
     """What registers the pairs: the ``registration`` group with the checkpoint's (or the baseline's) metric, or a
     VoxelMorph checkpoint's network; and notes on settings that differ from the checkpoint's training run."""
     if not cfg.ckpt:
         metric = instantiate(cfg.metric).to(device).eval()
-        return instantiate(cfg.registration)(metric=metric), []
+        notes = []
+        if cfg.get("matched_to"):  # the baseline at a learnt run's matched precision (learnsim.energy_ratio)
+            weight, rho = matched_precision_of(cfg.matched_to)
+            metric.set_weight_(matched_precision(weight, rho))
+            notes.append(f"matched baseline: precision {weight:g} x rho {rho:.4g} = {metric.energy.weight:.4g} "
+                         f"(the learnt run {cfg.matched_to})")
+        return instantiate(cfg.registration)(metric=metric), notes
     ckpt_path = Path(cfg.ckpt)
     if not ckpt_path.is_file():
         raise SystemExit(f"learnsim-test: checkpoint {ckpt_path} does not exist")
@@ -174,7 +196,9 @@ def _main(cfg: DictConfig) -> None:
 
 HELP_KEYS = [
     ("ckpt", "a learnsim (or VoxelMorph) checkpoint: its learnt metric is evaluated"),
-    ("metric", "without ckpt: the baseline to evaluate, ssd or lcc"),
+    ("metric", "without ckpt: the baseline to evaluate, ssd, lcc or ssd_t"),
+    ("likelihood", "auto: each pair's precision learnt inside its fit (from metric.energy.weight)"),
+    ("matched_to", "a learnt metric's test run: this baseline at its precision x energy ratio"),
     ("paths.data_dir", "folder with test.csv (and val.csv for split=val)"),
     ("data.dims", "grid the volumes are resampled to, [D,H,W]; match the training run"),
     ("q_v.no_iters", "q_v iterations per test pair (paper: 1024)"),
