@@ -32,6 +32,8 @@ def _parse(setting: str) -> tuple[str, dict]:
             kw[k] = [int(x) if k == "level_iters" else float(x) for x in v.split("/")]
         elif v.lower() in ("true", "false"):
             kw[k] = v.lower() == "true"
+        elif v == "auto":
+            kw[k] = v  # no_steps=auto, data_weight=auto (the precision learnt in the fit)
         elif k in ("no_iters", "levels", "no_samples", "no_steps"):
             kw[k] = int(v)
         else:
@@ -70,7 +72,8 @@ def main() -> None:
             fold = jacobian_stats(res.disp)["folding_voxels"]
             r = {"setting": name, "metric": args.metric, "pair": Path(row["moving"]).parent.name, "dsc_before": before,
                  "dsc_after": after, "gain_points": 100 * (after - before), "folding": fold, "seconds": sec,
-                 "fit_seconds": res.fit.seconds}
+                 "fit_seconds": res.fit.seconds,
+                 "data_weight": float(res.fit.precision.weight.mean()) if res.fit.precision is not None else None}
             out.append(r)
             print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     names = sorted({r["setting"] for r in out}, key=[r["setting"] for r in out].index)

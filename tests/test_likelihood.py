@@ -292,3 +292,46 @@ def test_training_learns_the_precision_and_the_checkpoint_carries_it(tmp_path, k
 def test_student_t_learning_needs_a_student_t_metric():
     with pytest.raises(ValueError, match="Student-t"):
         _likelihood_module("cnn_ssd", "student_t")
+
+
+def test_voxelmorph_trains_on_a_student_t_metric_and_keeps_it_in_its_checkpoint(tmp_path):
+    """The learnt noise model is usable by VoxelMorph (metric=ssd_t with a vxm_* experiment)."""
+    from test_voxelmorph import SHAPE, SMALL, _loader, _pair_data, _trainer
+
+    from learnsim.energies import RegLossL2
+    from learnsim.voxelmorph import VoxelMorphModule, VoxelMorphNet
+
+    torch.manual_seed(0)
+    metric = build_metric("ssd_t", weight=50.0, nu=4.0, precision=80.0)
+    module = VoxelMorphModule(VoxelMorphNet(**SMALL), metric=metric, reg_loss=RegLossL2(0.1), dims=SHAPE, lr=1e-3)
+    batch = _pair_data()
+    with torch.no_grad():
+        before = module._step(batch)[0].item()
+    trainer = _trainer(tmp_path, max_steps=5)
+    trainer.fit(module, train_dataloaders=_loader(batch))
+    with torch.no_grad():
+        after = module._step(batch)[0].item()
+    assert math.isfinite(after) and after < before
+    trainer.save_checkpoint(tmp_path / "vxm.ckpt")
+    loaded = VoxelMorphModule.load_from_checkpoint(tmp_path / "vxm.ckpt", map_location="cpu")
+    e = loaded.metric.energy
+    assert isinstance(e, StudentT) and (e.weight, e.nu, e.precision) == (50.0, 4.0, 80.0)
+
+
+@pytest.mark.parametrize(("experiment", "kind", "noise"), [("demo_vb", "ssd", "gaussian"), ("demo_t", "ssd_t", "student_t")])
+def test_likelihood_demo_experiments_compose(experiment, kind, noise):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from learnsim.cli.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"+experiment={experiment}", "data.dims=[16,16,16]"])
+    module = instantiate(cfg.model)
+    assert module.metric.spec["kind"] == kind and module.metric.energy.weight == 1.0
+    assert module.population is not None and module.population.noise == noise
+    assert module.registration.likelihood is None  # training learns the population's precision, not each fit's
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        test_cfg = compose(config_name="test", overrides=["+experiment=demo", "metric=ssd", "likelihood=auto"])
+    reg = instantiate(test_cfg.registration)(metric=instantiate(test_cfg.metric))
+    assert isinstance(reg.likelihood, LikelihoodLearning) and reg.likelihood.decimation == 1.0

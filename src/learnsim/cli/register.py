@@ -229,6 +229,9 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"learnsim-register: {note}")
 
     line = _write_outputs(out, args, res, kwargs, sched, start)
+    if res.fit.precision is not None:
+        print(f"learnsim-register: data_weight=auto settled at {float(res.fit.precision.weight.mean()):.4g} "
+              f"(registration.json: learnt_precision)")
     print(f"learnsim-register: wrote {out} (fit {res.fit.seconds:.1f} s)")
     print(line)
     return 0
@@ -255,6 +258,8 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
             "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
             "q_v_levels": list(sched.iters), "q_v_level_lr": list(sched.lr),
         }
+        if res.fit.precision is not None:  # data_weight=auto: where the learnt precision settled, per update
+            info["learnt_precision"] = res.fit.precision.as_dict()
         line, numbers = summary_line(args, res, time.perf_counter() - start)
         info.update(numbers)
         if not args.no_figures:
