@@ -3,10 +3,13 @@
 #   1. build the demo cohort (real brain MRI from pinned PyPI packages; not UK Biobank): 12 training, 4 validation
 #      and 16 test pairs (the test and validation subjects from a labelled source the training ones never use),
 #   2. learn two similarity metrics, initialised to SSD (+experiment=demo) and to LCC (+experiment=demo_lcc),
-#   3. evaluate the SSD and LCC baselines and both learnt metrics (best validation-DSC checkpoints) on the test
-#      pairs, with the same q_v schedule (coarse-to-fine, fast integration, 48^3),
-#   4. compare each learnt metric with its baseline (table, paired Wilcoxon tests over the pairs, box plots) and
-#      draw what the metrics learnt (learnt_metric.png).
+#   3. evaluate on the test pairs, with the same q_v schedule (coarse-to-fine, fast integration, 48^3): the SSD and
+#      LCC baselines at their tuned precisions (100, 10), each baseline with its precision learnt per pair from the
+#      paper's 1 (likelihood=auto), both learnt metrics (best validation-DSC checkpoints) and each learnt metric's
+#      matched baseline (the baseline at the learnt metric's precision x its energy ratio: scale without shape),
+#      and SSD with Student-t noise whose precision and nu were learnt on the training pairs (+experiment=demo_t),
+#   4. compare each learnt metric with its matched, tuned and learnt-precision baselines (table, paired Wilcoxon
+#      tests over the pairs, box plots) and draw what the metrics learnt (learnt_metric.png).
 # The SSD chain (train, evaluate SSD, evaluate learnt SSD) and the LCC chain run side by side, one thread each:
 # on 2 cores two single-threaded processes beat one two-threaded one on these small tensors (OpenMP barriers).
 # Threads per chain: LEARNSIM_DEMO_THREADS (default 1). Sizes: conf/experiment/demo.yaml (under 25 minutes).
@@ -24,21 +27,34 @@ echo "== 1/3 demo cohort -> $DATA"
 learnsim-data demo --dims 64 --n-train 12 --n-val 4 --n-test 16 --out "$DATA"
 t1=$(date +%s)
 
-chain() {  # chain NAME EXPERIMENT BASELINE: train the learnt metric, evaluate the baseline and the learnt metric
-  local name=$1 exp=$2 base=$3
-  rm -rf "$OUT/train_learnt_$name" "$OUT/test_${name}_baseline" "$OUT/test_learnt_$name"
+evaluate() {  # evaluate NAME EXPERIMENT ARGS...: learnsim-test on the test pairs into $OUT/test_NAME
+  local name=$1 exp=$2
+  shift 2
+  learnsim-test +experiment="$exp" "$@" name="$name" paths.data_dir="$DATA" save_nifti=false \
+    hydra.run.dir="$OUT/test_$name"
+}
+
+chain() {  # chain NAME EXPERIMENT BASELINE: train the learnt metric; evaluate it, its matched, tuned and
+  local name=$1 exp=$2 base=$3  # learnt-precision baselines
+  rm -rf "$OUT/train_learnt_$name" "$OUT/test_${name}_baseline" "$OUT/test_learnt_$name" "$OUT/test_${name}_matched" \
+    "$OUT/test_${name}_auto"
   learnsim-train +experiment="$exp" paths.data_dir="$DATA" hydra.run.dir="$OUT/train_learnt_$name" logger=csv \
     ${LEARNSIM_DEMO_TRAIN_ARGS:-}
-  for run in "${name}_baseline metric=$base" "learnt_$name ckpt=$OUT/train_learnt_$name/checkpoints/best.ckpt"; do
-    set -- $run
-    learnsim-test +experiment="$exp" "${@:2}" name="$1" paths.data_dir="$DATA" save_nifti=false \
-      hydra.run.dir="$OUT/test_$1"
-  done
+  evaluate "${name}_baseline" "$exp" metric="$base"
+  evaluate "learnt_$name" "$exp" ckpt="$OUT/train_learnt_$name/checkpoints/best.ckpt"
+  evaluate "${name}_matched" "$exp" metric="$base" matched_to="$OUT/test_learnt_$name"
+  evaluate "${name}_auto" "$exp" metric="$base" metric.energy.weight=1 likelihood=auto
+}
+
+noise_model() {  # SSD with Student-t noise: precision and nu learnt on the training pairs, then evaluated
+  rm -rf "$OUT/train_ssd_t" "$OUT/test_ssd_t"
+  learnsim-train +experiment=demo_t paths.data_dir="$DATA" hydra.run.dir="$OUT/train_ssd_t" logger=csv
+  evaluate ssd_t demo ckpt="$OUT/train_ssd_t/checkpoints/last.ckpt"
 }
 
 echo "== 2/3 learn the metrics (CNN_SSD, CNN_LCC) and evaluate them and their baselines on the test pairs" \
   "(logs: $OUT/chain_ssd.log, $OUT/chain_lcc.log)"
-chain ssd demo ssd > "$OUT/chain_ssd.log" 2>&1 &
+{ chain ssd demo ssd && noise_model; } > "$OUT/chain_ssd.log" 2>&1 &
 ssd_pid=$!
 chain lcc demo_lcc lcc > "$OUT/chain_lcc.log" 2>&1 &
 lcc_pid=$!
@@ -49,10 +65,16 @@ wait "$lcc_pid" || { status=$?; echo "the LCC chain failed: $OUT/chain_lcc.log" 
 t2=$(date +%s)
 
 echo "== 3/3 compare"
-learnsim-compare "$OUT/test_ssd_baseline" "$OUT/test_learnt_ssd" --labels SSD learnt_SSD --out "$OUT/compare_ssd"
-learnsim-compare "$OUT/test_lcc_baseline" "$OUT/test_learnt_lcc" --labels LCC learnt_LCC --out "$OUT/compare_lcc"
-learnsim-compare --table --per-pair "$OUT/test_ssd_baseline" "$OUT/test_learnt_ssd" "$OUT/test_lcc_baseline" \
-  "$OUT/test_learnt_lcc"
+for e in ssd lcc; do  # the learnt metric against its matched, tuned and learnt-precision baselines
+  E=$(echo "$e" | tr a-z A-Z)
+  learnsim-compare "$OUT/test_learnt_$e" "$OUT/test_${e}_matched" "$OUT/test_${e}_baseline" "$OUT/test_${e}_auto" \
+    --labels "learnt_$E" "${E}_matched" "${E}_tuned" "${E}_learnt_precision" --out "$OUT/compare_$e"
+done
+learnsim-compare "$OUT/test_ssd_baseline" "$OUT/test_ssd_auto" "$OUT/test_ssd_t" \
+  --labels SSD_tuned SSD_learnt_precision SSD_student_t --out "$OUT/compare_noise"
+learnsim-compare --table --per-pair "$OUT/test_ssd_baseline" "$OUT/test_ssd_auto" "$OUT/test_ssd_t" \
+  "$OUT/test_learnt_ssd" "$OUT/test_ssd_matched" "$OUT/test_lcc_baseline" "$OUT/test_lcc_auto" \
+  "$OUT/test_learnt_lcc" "$OUT/test_lcc_matched"
 "${PYTHON:-python}" -c 'import sys; from learnsim.evaluation.figures import metric_figure_from_data as f
 print(f(sys.argv[1], {"SSD": "ssd:100", "learnt SSD": sys.argv[2], "LCC": "lcc:10", "learnt LCC": sys.argv[3]},
         sys.argv[4], dims=48))' "$DATA" "$OUT/train_learnt_ssd/checkpoints/best.ckpt" \

@@ -109,6 +109,8 @@ def summary_table(runs: Sequence[Run]) -> pd.DataFrame:
             "seconds",
             "spearman_disagreement",
             "spearman_error",
+            "data_weight",  # the likelihood: the precision of the fits and the energy ratio to the baseline
+            "energy_ratio",
         ):
             vals = run.per_pair[col] if col in run.per_pair else pd.Series(dtype=float)
             row[f"{col}_mean"] = _mean(vals)
@@ -142,6 +144,8 @@ def format_summary(table: pd.DataFrame) -> str:
             ],
             "rho(unc,err)": [f"{v:.3f}" if np.isfinite(v) else "n/a" for v in table["spearman_error_mean"]],
             "seconds": [f"{v:.1f}" if np.isfinite(v) else "n/a" for v in table["seconds_mean"]],
+            "precision": [f"{v:.4g}" if np.isfinite(v) else "n/a" for v in table["data_weight_mean"]],
+            "energy ratio": [f"{v:.4g}" if np.isfinite(v) else "n/a" for v in table["energy_ratio_mean"]],
         }
     )
     return view.to_string(index=False)
