@@ -411,3 +411,18 @@ def test_symlink_loop_in_a_pair_list_is_one_named_problem(pair, tmp_path, capsys
         validate_pairs(csv)
     assert data_cli.main(["validate", str(csv)]) == 1
     assert "symbolic link loop" in capsys.readouterr().err
+
+
+def test_train_with_the_wandb_logger_refused_on_its_data_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """wandb writes its offline run into the run folder when Lightning starts: the pair lists are checked first."""
+    import learnsim.cli.train as train_cli
+
+    monkeypatch.delenv("LEARNSIM_DEBUG", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    argv = ["learnsim-train", "+experiment=demo", "logger=wandb", f"paths.root_dir={tmp_path}",
+            f"paths.data_dir={tmp_path / 'nowhere'}"]
+    code = _hydra_main(train_cli, argv, monkeypatch)
+    assert isinstance(code, str) and "train.csv" in code
+    runs = tmp_path / "runs" / "train"
+    assert not [p for p in runs.rglob("*") if p.is_dir() and p.parent.parent == runs], "a run folder stayed"

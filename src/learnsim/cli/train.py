@@ -43,6 +43,10 @@ def train(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model)
     model.run_config = to_container(cfg)  # stored in every checkpoint: learnsim-test rebuilds the run from it
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    if cfg.get("logger") and is_wandb(cfg.logger):
+        # wandb writes its offline run into the run folder as soon as Lightning starts: read and check the pair
+        # lists first, so that a run refused on its data leaves no folder behind (setup is idempotent)
+        datamodule.setup("fit")
     logger = build_logger(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     use_atomic_checkpoints(trainer)  # last.ckpt written beside itself and renamed: a full disk never damages it
