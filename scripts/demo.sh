@@ -79,6 +79,9 @@ learnsim-compare --table --per-pair "$OUT/test_ssd_baseline" "$OUT/test_ssd_auto
 print(f(sys.argv[1], {"SSD": "ssd:100", "learnt SSD": sys.argv[2], "LCC": "lcc:10", "learnt LCC": sys.argv[3]},
         sys.argv[4], dims=48))' "$DATA" "$OUT/train_learnt_ssd/checkpoints/best.ckpt" \
   "$OUT/train_learnt_lcc/checkpoints/best.ckpt" "$OUT/learnt_metric.png"
+"${PYTHON:-python}" -c 'import sys; from learnsim.evaluation.noise_figure import noise_figure_from_run as f
+print(f(sys.argv[1], sys.argv[2], sys.argv[3], dims=48))' "$OUT/train_ssd_t/checkpoints/last.ckpt" "$DATA" \
+  "$OUT/noise_model.png"
 t3=$(date +%s)
 echo "demo done in $((t3 - t0)) s: cohort $((t1 - t0)) s, training and evaluation $((t2 - t1)) s," \
   "comparison $((t3 - t2)) s; results in $OUT/"

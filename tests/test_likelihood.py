@@ -335,3 +335,14 @@ def test_likelihood_demo_experiments_compose(experiment, kind, noise):
         test_cfg = compose(config_name="test", overrides=["+experiment=demo", "metric=ssd", "likelihood=auto"])
     reg = instantiate(test_cfg.registration)(metric=instantiate(test_cfg.metric))
     assert isinstance(reg.likelihood, LikelihoodLearning) and reg.likelihood.decimation == 1.0
+
+
+def test_noise_figure_draws_the_fits_and_the_weights(tmp_path):
+    from learnsim.evaluation.noise_figure import noise_figure
+
+    rng = np.random.default_rng(0)
+    hist = ResidualHistogram().add(torch.from_numpy((rng.standard_t(5.0, 50_000) / 10.0) ** 2))
+    w, nu = fit_student_t(hist)
+    out = noise_figure(hist.counts.numpy(), hist.centres.numpy(), w, nu, rng.random((12, 10)),
+                       0.1 * rng.standard_normal((12, 10)), tmp_path / "noise.png")
+    assert out.is_file() and out.stat().st_size > 10_000
