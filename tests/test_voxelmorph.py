@@ -452,7 +452,8 @@ def test_learnsim_test_overrides_the_refinement_lr(tmp_path):
     path = tmp_path / "vxm.ckpt"
     trainer.save_checkpoint(path)
     base = {"ckpt": str(path), "save_nifti": False, "figures": False, "amp": False, "q_v": {"no_iters": 1},
-            "no_samples": 1, "no_samples_uncertainty": 0, "max_pairs": None, "data": {"dims": list(SHAPE)}}
+            "no_samples": 1, "no_samples_uncertainty": 0, "max_pairs": None, "data": {"dims": list(SHAPE)},
+            "split": "test"}
     for lr, expected in ((None, module.instance_lr), (0.2, 0.2)):
         cfg = OmegaConf.create({**base, "instance_lr": lr})
         _check_settings(cfg)
