@@ -9,31 +9,16 @@ import stat
 from functools import partial
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
+import test_reliability_inputs as shared
 from conftest import blob
 
 from learnsim.cli import register as register_cli
 
 SHAPE = (12, 14, 10)
 _blob = partial(blob, shape=SHAPE, centre=(6, 7, 5), scale=3.0)
-
-
-def _save(path: Path, arr: np.ndarray) -> Path:
-    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), path)
-    return path
-
-
-@pytest.fixture()
-def pair(tmp_path):
-    return {"fixed": str(_save(tmp_path / "fixed.nii.gz", _blob())),
-            "moving": str(_save(tmp_path / "moving.nii.gz", _blob(centre=(7, 6, 5))))}
-
-
-def _cli(pair, out, *extra):
-    return register_cli.main([pair["fixed"], pair["moving"], "--out", str(out), "--no-figures", "no_iters=2",
-                              "no_samples=2", *extra])
+_cli, _save = shared._cli, shared._save  # the register CLI on a small pair, and a NIfTI writer
+pair = shared.pair  # the fixture: a fixed / moving pair of NIfTI files
 
 
 def _hidden(folder: Path) -> list[str]:

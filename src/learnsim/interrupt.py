@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
-__all__ = ["Terminated", "sigterm_as_interrupt", "interrupt_status", "disk_error", "input_error"]
+__all__ = ["Terminated", "sigterm_as_interrupt", "interrupt_status", "disk_error", "input_error", "run_command"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -64,3 +66,22 @@ def input_error(exc: BaseException) -> str | None:
     ):
         return str(exc)
     return disk_error(exc)
+
+
+def run_command(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command's ``body`` and return its exit status: the body's (0 for None); 130 / 143 on Ctrl-C / SIGTERM
+    (SIGTERM handled as Ctrl-C, so the same clean-up runs); 1 with one line ``prog: ...`` on stderr for an
+    :func:`input_error` (``LEARNSIM_DEBUG=1``: the traceback instead); anything else propagates (a bug keeps its
+    traceback). Every learnsim file is written atomically, so an interrupted command leaves nothing half-written."""
+    try:
+        with sigterm_as_interrupt():
+            return body() or 0
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return interrupt_status(exc)
+    except (ValueError, OSError) as exc:  # bad inputs (missing files, a folder refused), a full disk
+        line = input_error(exc)
+        if line is None or os.environ.get("LEARNSIM_DEBUG"):
+            raise
+        print(f"{prog}: {line}", file=sys.stderr)
+        return 1

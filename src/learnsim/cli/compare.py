@@ -16,7 +16,6 @@ files; one run is enough.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,27 +112,19 @@ def _compare(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``learnsim-compare``; returns the exit status: 1 with one line for a folder that is not a run,
     runs over different pairs, a bad ``--out`` or a full disk; 130 / 143 on Ctrl-C / SIGTERM."""
-    from learnsim.interrupt import input_error, interrupt_status, sigterm_as_interrupt
+    from learnsim.interrupt import run_command
 
     args = build_parser().parse_args(argv)
-    try:
-        with sigterm_as_interrupt():
-            if args.table:
-                for line in pair_set_differences(args.runs):
-                    print(f"learnsim-compare: note: {line}", file=sys.stderr)
-                _table(args.runs, args.per_pair)
-            else:
-                _compare(args)
-    except KeyboardInterrupt as exc:
-        print("learnsim-compare: interrupted", file=sys.stderr)
-        return interrupt_status(exc)
-    except (ValueError, OSError) as exc:  # bad inputs (missing files, a folder refused), a full disk
-        line = input_error(exc)
-        if line is None or os.environ.get("LEARNSIM_DEBUG"):
-            raise
-        print(f"learnsim-compare: {line}", file=sys.stderr)
-        return 1
-    return 0
+
+    def body() -> None:
+        if args.table:
+            for line in pair_set_differences(args.runs):
+                print(f"learnsim-compare: note: {line}", file=sys.stderr)
+            _table(args.runs, args.per_pair)
+        else:
+            _compare(args)
+
+    return run_command("learnsim-compare", body)
 
 
 

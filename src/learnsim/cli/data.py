@@ -12,7 +12,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,21 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``learnsim-data``: 0 on success; 1 with one line on a bad input or a full disk; 130 / 143 on
     Ctrl-C / SIGTERM (``LEARNSIM_DEBUG=1`` shows the traceback instead of the one line)."""
-    from learnsim.interrupt import input_error, interrupt_status, sigterm_as_interrupt
+    from learnsim.interrupt import run_command
 
-    try:
-        with sigterm_as_interrupt():
-            return _main(argv)
-    except KeyboardInterrupt as exc:
-        # every file is written atomically (learnsim.io.atomic_path): nothing half-written stays behind
-        print("learnsim-data: interrupted", file=sys.stderr)
-        return interrupt_status(exc)
-    except (ValueError, OSError) as exc:  # bad inputs (missing files, a folder refused), a full disk
-        line = input_error(exc)
-        if line is None or os.environ.get("LEARNSIM_DEBUG"):
-            raise
-        print(f"learnsim-data: {line}", file=sys.stderr)
-        return 1
+    return run_command("learnsim-data", lambda: _main(argv))
 
 
 
