@@ -410,3 +410,18 @@ def test_learnsim_train_stops_on_a_diverged_fit(cfg_train):
     cfg.q_v.level_iters = [16, 16, 16]
     with pytest.raises(FitDiverged, match="diverged"):
         train(cfg)
+
+
+def test_cohort_writer_keeps_label_ids_beyond_int16(tmp_path):
+    """Issue 29 item 10, learnsim-data ukbb / demo: the subject's seg is written in its own integer type."""
+    from learnsim.data.cohort import write_subject
+    from learnsim.data.preprocess import Grid, Preprocessed
+
+    seg = np.zeros(SHAPE, np.int32)
+    seg[2:5, 2:5, 2:5] = 40000
+    p = Preprocessed(np.zeros(SHAPE, np.float32), None, seg, Grid(SHAPE, AFF))
+    write_subject(tmp_path, "s1", p)
+    assert 40000 in np.asarray(nib.load(tmp_path / "s1" / "seg.nii.gz").dataobj)
+    small = Preprocessed(np.zeros(SHAPE, np.float32), None, (seg > 0).astype(np.int16) * 17, Grid(SHAPE, AFF))
+    write_subject(tmp_path, "s2", small)
+    assert nib.load(tmp_path / "s2" / "seg.nii.gz").get_data_dtype() == np.int16

@@ -124,7 +124,8 @@ def remove_partials(root: Path, files: Iterable[str]) -> list[Path]:
 def write_subject(
     root: Path, rel_folder: str, p: Preprocessed, image_name: str = "t1.nii.gz"
 ) -> dict[str, str]:
-    """Write image (float32), mask (uint8) and seg (int16) of one subject under ``root/rel_folder``.
+    """Write image (float32), mask (uint8) and seg (its own integer type: int16, int32 for ids beyond int16) of one
+    subject under ``root/rel_folder``.
 
     Returns ``{path relative to root: sha256}``. gzip output is deterministic (nibabel writes mtime 0 and no
     file name), so equal arrays give equal bytes.
@@ -133,7 +134,7 @@ def write_subject(
     items = [
         (image_name, p.image, np.float32),
         ("mask.nii.gz", p.mask, np.uint8),
-        ("seg.nii.gz", p.seg, np.int16),
+        ("seg.nii.gz", p.seg, p.seg.dtype if p.seg is not None and p.seg.dtype == np.int32 else np.int16),
     ]
     for name, array, dtype in items:
         if array is None:
