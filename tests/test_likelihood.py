@@ -346,3 +346,23 @@ def test_noise_figure_draws_the_fits_and_the_weights(tmp_path):
     out = noise_figure(hist.counts.numpy(), hist.centres.numpy(), w, nu, rng.random((12, 10)),
                        0.1 * rng.standard_normal((12, 10)), tmp_path / "noise.png")
     assert out.is_file() and out.stat().st_size > 10_000
+
+
+def test_population_precision_is_the_same_on_one_process_and_two(tmp_path):
+    """DDP: each rank's pairs are gathered before the update, so 2 processes x 1 pair per step learn the precision
+    1 process x 2 pairs per step learns."""
+    from learnsim.distributed import ManualSyncDDPStrategy
+
+    pl.seed_everything(0)
+    single = _likelihood_module("ssd", "gaussian")
+    make_trainer(tmp_path / "one", max_epochs=1).fit(single, datamodule=PhantomDataModule(n=4, batch_size=2))
+    pl.seed_everything(0)
+    multi = _likelihood_module("ssd", "gaussian")
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path / "two", max_epochs=1, devices=2, enable_checkpointing=True, callbacks=[ckpt],
+                           strategy=ManualSyncDDPStrategy(start_method="spawn", process_group_backend="gloo"))
+    trainer.fit(multi, datamodule=PhantomDataModule(n=4, batch_size=1))
+    w1 = single.metric.energy.weight
+    # spawn copies back weights and buffers, not plain attributes: the checkpoint rank 0 wrote carries the precision
+    w2 = SimilarityMetric.from_checkpoint(tmp_path / "ckpt" / "last.ckpt").energy.weight
+    assert w1 != 1.0 and w2 == pytest.approx(w1, rel=1e-4)

@@ -374,13 +374,15 @@ class LearnSimModule(pl.LightningModule):
         reg = self.registration
         with reg._frozen_metric():
             feat_fixed = self.metric.features(fixed).float()
-            gen = self._generator(2, self.current_epoch, *indices)
+            gen = [self._generator(2, self.current_epoch, i) for i in indices]  # per pair: batch- and DDP-independent
             student = pop.noise == "student_t"
             quad, count, alpha, r2 = reg.residual_statistics(params, feat_fixed, batch["moving"], mask, pop.learning,
                                                              gen, residual_map=student)
         hists = ([ResidualHistogram().add(r2[i:i + 1], mask[:1] if mask.shape[0] == 1 else mask[i:i + 1])
                   for i in range(r2.shape[0])] if r2 is not None else None)
-        pop.add(keys, quad.tolist(), count.tolist(), alpha.tolist(), hists)
+        mine = (keys, quad.tolist(), count.tolist(), alpha.tolist(), hists)
+        for stats in _gathered(mine):  # every rank's pairs: one population precision on every rank (DDP)
+            pop.add(*stats)
         self._apply_likelihood(pop.update())
 
     def _apply_likelihood(self, learnt: dict[str, float]) -> None:
@@ -626,6 +628,17 @@ def _quadratic_ratio(metric: SimilarityMetric, e_metric: Tensor, e_base: Tensor,
     q_m = residual_quadratic(metric, e_metric, mask, numel)
     q_b = residual_quadratic(metric, e_base, mask, numel)
     return (q_m / q_b.clamp_min(1e-30)).mean()
+
+
+def _gathered(obj: Any) -> list[Any]:
+    """``obj`` from every DDP rank, in rank order (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _set_grads(params: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:

@@ -429,14 +429,14 @@ class VariationalRegistration:
 
     @torch.no_grad()
     def residual_statistics(self, q: LowRankParams, feat_fixed: Tensor, moving: Tensor, mask: Tensor | None,
-                            likelihood: LikelihoodLearning, generator: torch.Generator | None = None,
+                            likelihood: LikelihoodLearning, generator: Generators = None,
                             residual_map: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """What the likelihood learns from: ``(E_q[Q], n, alpha, r^2)`` per pair for q_v ``q`` on the images' grid.
 
         Args:
             q: q_v on ``moving``'s grid. feat_fixed: ``a(F)`` ``[1 or B, 1, D, H, W]``; moving ``[B, 1, D, H, W]``.
             likelihood: its ``samples`` antithetic pairs are averaged; its ``decimation`` gives ``alpha``.
-            generator: for q_v's samples (one for the whole batch).
+            generator: for q_v's samples: one for the whole batch, one per pair, or None (global RNG).
             residual_map: also return the voxel-wise squared residual ``[B, 1, D, H, W]``, averaged over samples.
         Returns:
             ``quad`` ``[B]`` (``E_q[0.5 sum_mask r^2]``; NaN for a Student-t energy, which is not quadratic),
