@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
             ax.plot(sub["precision"], sub[col], "o-", color=colour, label=f"{energy.upper()} fixed precision")
         other = df[(df["energy"] == energy) & ~df["run"].str.contains("_w")]
         for _, r in other.iterrows():
-            marker = "*" if r["run"].endswith("_auto") else "s"
+            marker = "*" if r["run"].endswith("_auto") else ("^" if "vb" in r["run"] else "s")
             for ax, col in zip(axes, ("dsc", "folding_voxels", "sdlogj"), strict=True):
                 ax.plot([r["effective_precision"]], [r[col]], marker, ms=11, color=colour, mec="k")
                 ax.annotate(r["run"], (r["effective_precision"], r[col]), fontsize=7, xytext=(4, 4),
@@ -62,7 +62,8 @@ def main(argv: list[str]) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Precision sweep on the demo test pairs (star: precision learnt per pair; square: learnt metric)")
+    fig.suptitle("Precision sweep on the demo test pairs (star: precision learnt per pair; triangle: learnt over the "
+                 "training pairs; square: learnt metric at weight x rho)")
     fig.tight_layout()
     fig.savefig(sweep / "precision_sweep.png", dpi=110)
     print(df.to_string(index=False))
