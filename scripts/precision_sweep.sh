@@ -9,8 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-demo_data}"
 OUT="${2:-runs/sweep}"
-export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
-  NUMBA_NUM_THREADS="${NUMBA_NUM_THREADS:-1}"
+. scripts/common.sh
 mkdir -p "$OUT"
 t0=$(date +%s)
 one() {  # one NAME EXPERIMENT ARGS...: a learnsim-test run into $OUT/NAME (skipped when already done)
