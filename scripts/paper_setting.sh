@@ -10,9 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-demo_data}"
 OUT="${2:-runs/paper_setting}"
-. scripts/common.sh
-mkdir -p "$OUT"
-t0=$(date +%s)
+. scripts/common.sh   # environment, mkdir OUT, t0
 evaluate() {  # evaluate EXP BASE NAME CKPT: the checkpoint, then its matched baseline
   local exp=$1 base=$2 name=$3 ckpt=$4
   [ -f "$ckpt" ] || { echo "$ckpt was not reached (no checkpoint): skipped"; return 0; }

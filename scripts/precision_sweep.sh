@@ -9,9 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-demo_data}"
 OUT="${2:-runs/sweep}"
-. scripts/common.sh
-mkdir -p "$OUT"
-t0=$(date +%s)
+. scripts/common.sh   # environment, mkdir OUT, t0
 one() {  # one NAME EXPERIMENT ARGS...: a learnsim-test run into $OUT/NAME (skipped when already done)
   local name=$1 exp=$2
   shift 2
