@@ -12,7 +12,7 @@
 #      tests over the pairs, box plots) and draw what the metrics learnt (learnt_metric.png).
 # The SSD chain (train, evaluate SSD, evaluate learnt SSD) and the LCC chain run side by side, one thread each:
 # on 2 cores two single-threaded processes beat one two-threaded one on these small tensors (OpenMP barriers).
-# Threads per chain: LEARNSIM_DEMO_THREADS (default 1). Sizes: conf/experiment/demo.yaml (under 25 minutes).
+# Threads per chain: LEARNSIM_DEMO_THREADS (default 1). Sizes: src/learnsim/conf/experiment/demo.yaml (under 25 minutes).
 # Everything lands in runs/demo/ (logs: runs/demo/*.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@ Grzech et al. (CVPR 2022) fit q_v with per-energy settings (the original code's 
 regulariser weight ``w_reg``, Adam's learning rate and the number of Adam steps. Everything else is shared:
 12 squarings, the Sobolev smoother (``s = 3``, ``lambda = 0.5``), q_v initialised with ``sigma = 0.5``,
 ``u = 0.1``, rank 1, and U(-0.1, 0.1) voxel noise on the sampling coordinates while training.
-``conf/experiment/ssd.yaml`` / ``lcc.yaml`` state the same numbers (a test checks they agree).
+``learnsim/conf/experiment/ssd.yaml`` / ``lcc.yaml`` state the same numbers (a test checks they agree).
 
 :data:`REGISTER` holds what :func:`learnsim.register` runs when the caller says nothing: a coarse-to-fine
 schedule and a likelihood precision chosen by measurement on the demo test pairs (README, "Defaults of

@@ -15,7 +15,7 @@ its starting guess (:func:`learnsim.pyramid.upsample_q_v`), with per-level itera
 
 No Lightning here: :class:`VariationalRegistration` is used by the training module, the test CLI and
 :func:`learnsim.api.register` alike. It is built in one of two ways: from config (the ``registration`` group,
-``conf/registration/default.yaml``, a partial that the caller completes with its metric) or from the paper's
+``learnsim/conf/registration/default.yaml``, a partial that the caller completes with its metric) or from the paper's
 table (:meth:`VariationalRegistration.paper`, :mod:`learnsim.defaults`).
 """
 

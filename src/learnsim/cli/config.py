@@ -1,7 +1,9 @@
 """Where the Hydra configs live and how the entry points find them.
 
-``conf/`` sits at the repository root (an editable install finds it there); ``LEARNSIM_CONF`` points elsewhere,
-and Hydra's own ``--config-dir`` adds a folder of the user's configs on top.
+The configs are package data (``learnsim/conf/``, found with :mod:`importlib.resources`), so an editable install,
+a wheel and an sdist all carry them and every command runs from any working folder. ``LEARNSIM_CONF`` points at
+another config folder instead, and Hydra's own ``--config-dir`` / ``hydra.searchpath`` add a folder of the user's
+configs on top.
 """
 
 from __future__ import annotations
@@ -18,14 +20,20 @@ from learnsim.interrupt import disk_error, interrupt_status
 
 
 def config_dir() -> str:
+    """The Hydra config folder: ``LEARNSIM_CONF`` if set, else the package's own ``learnsim/conf``.
+
+    Raises:
+        FileNotFoundError: naming the folder searched when it holds no ``train.yaml``.
+    """
+    from importlib import resources
+
     env = os.environ.get("LEARNSIM_CONF")
-    if env:
-        return str(Path(env).resolve())
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "conf" / "train.yaml").is_file():
-            return str(parent / "conf")
-    raise FileNotFoundError("learnsim: cannot find the Hydra configs (conf/train.yaml); set LEARNSIM_CONF=/path/to/conf")
+    folder = Path(env).resolve() if env else Path(str(resources.files("learnsim").joinpath("conf")))
+    if not (folder / "train.yaml").is_file():
+        where = "LEARNSIM_CONF" if env else "the installed package"
+        raise FileNotFoundError(f"learnsim: no Hydra configs (train.yaml) in {folder} ({where}); reinstall learnsim "
+                                "or set LEARNSIM_CONF=/path/to/conf")
+    return str(folder)
 
 
 def to_container(cfg: DictConfig) -> dict:
