@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learnsim-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from learnsim.cli.help import version_line
+
+    parser.add_argument("--version", action="version", version=version_line("learnsim-compare"))
     parser.add_argument("runs", nargs="+", help="evaluated run folders; the first is the reference of the tests")
     parser.add_argument("--labels", nargs="+", help="display names, one per run (default: folder names)")
     parser.add_argument("--out", default="compare", help="output folder (default: ./compare)")

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learnsim-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from learnsim.cli.help import version_line
+
+    parser.add_argument("--version", action="version", version=version_line("learnsim-data"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(

@@ -151,6 +151,13 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: max(n - 3, 0)] + "..."
 
 
+def version_line(prog: str) -> str:
+    """``"<prog> <learnsim version>"``: what every CLI's ``--version`` prints."""
+    from learnsim import __version__
+
+    return f"{prog} {__version__}"
+
+
 def cli_entry(hydra_main: Callable[[], None], help_text: Callable[[], str]) -> Callable[[], None]:
     """A Hydra CLI's console-script entry point: ``--help`` prints learnsim's page (experiments, groups, keys),
     anything else goes to Hydra."""
@@ -158,6 +165,9 @@ def cli_entry(hydra_main: Callable[[], None], help_text: Callable[[], str]) -> C
     def main() -> None:
         if wants_help(sys.argv[1:]):
             print(help_text(), end="")
+            return
+        if sys.argv[1:] == ["--version"]:
+            print(version_line(Path(sys.argv[0]).name))
             return
         from learnsim.cli.run_dir import with_run_dir_callback
         from learnsim.interrupt import interrupt_status, sigterm_as_interrupt

@@ -23,6 +23,7 @@ import numpy as np
 
 from learnsim.api import checkpoint_settings, load_checkpoint, register, register_schedule, resolve_device
 from learnsim.checkpoint import ModuleKind, checkpoint_module
+from learnsim.cli.help import version_line
 from learnsim.defaults import REGISTER_METRIC
 from learnsim.interrupt import disk_error, interrupt_status, sigterm_as_interrupt
 from learnsim.io import save_nifti
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="learnsim-register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=version_line("learnsim-register"))
     ap.add_argument("fixed", help="fixed image (the atlas), NIfTI")
     ap.add_argument("moving", help="moving image, NIfTI (resampled into the fixed grid through its affine if needed)")
     ap.add_argument("--out", required=True, help="output folder (must not exist, or --overwrite)")
@@ -276,3 +278,4 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
 
 if __name__ == "__main__":
     sys.exit(main())
+
