@@ -16,6 +16,7 @@ python -m venv "$WORK/venv"
 mkdir "$WORK/empty"
 cd "$WORK/empty"
 export PATH="$WORK/venv/bin:$PATH" WANDB_MODE=offline WANDB_SILENT=true OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1
+python -c 'from learnsim.cli.config import config_dir; import learnsim; print("configs:", config_dir(), learnsim.__version__)'
 for cmd in learnsim-train learnsim-test learnsim-register learnsim-data learnsim-compare; do
   "$cmd" --help > /dev/null
   "$cmd" --version
