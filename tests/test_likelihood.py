@@ -366,3 +366,15 @@ def test_population_precision_is_the_same_on_one_process_and_two(tmp_path):
     # spawn copies back weights and buffers, not plain attributes: the checkpoint rank 0 wrote carries the precision
     w2 = SimilarityMetric.from_checkpoint(tmp_path / "ckpt" / "last.ckpt").energy.weight
     assert w1 != 1.0 and w2 == pytest.approx(w1, rel=1e-4)
+
+
+def test_training_energy_ratio_of_lcc_without_a_mask_counts_every_voxel():
+    """The ratio logged in training reads LCC's energies as sum(1 - cc) over every voxel when there is no mask
+    (a voxel count of 0 made it 0)."""
+    from learnsim.module import _energy_ratio
+
+    torch.manual_seed(0)
+    lcc = build_metric("cnn_lcc", init_noise=0.0)
+    fixed, warped = torch.rand(1, 1, 8, 9, 10), torch.rand(2, 1, 8, 9, 10)
+    e_metric, e_base = lcc(fixed, warped), lcc.energy(fixed, warped)
+    assert float(_energy_ratio(lcc, e_metric, e_base, None, warped[0, 0].numel())) == pytest.approx(1.0, rel=1e-4)

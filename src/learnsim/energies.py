@@ -26,6 +26,7 @@ __all__ = [
     "SSD",
     "StudentT",
     "student_t_energy",
+    "student_t_terms",
     "LCC",
     "RegLossL2",
 ]
@@ -157,6 +158,15 @@ class SSD(nn.Module):
         return e if self.weight == 1.0 else self.weight * e
 
 
+def student_t_terms(fixed: Tensor, warped: Tensor, precision: float, nu: float) -> Tensor:
+    """Voxel-wise ``(nu + 1) / (2 w) log(1 + w r^2 / nu)`` (``0.5 r^2`` for ``nu = inf``), ``r = F - M o phi``: the
+    Student-t term per unit weight, ``[B, C, D, H, W]`` (:func:`student_t_energy` sums it, times ``weight``)."""
+    r2 = (fixed - warped) ** 2
+    if math.isinf(nu):
+        return 0.5 * r2
+    return torch.log1p(r2 * (precision / nu)) * (0.5 * (nu + 1.0) / precision)
+
+
 def student_t_energy(fixed: Tensor, warped: Tensor, mask: Tensor | None, weight: float, precision: float,
                      nu: float) -> Tensor:
     """Student-t data term ``(weight / w) (nu + 1) / 2 sum_mask log(1 + w r^2 / nu)``, ``r = F - M o phi``; ``[B]``.
@@ -167,9 +177,7 @@ def student_t_energy(fixed: Tensor, warped: Tensor, mask: Tensor | None, weight:
     """
     if math.isinf(nu):
         return weight * ssd(fixed, warped, mask)
-    r2 = (fixed - warped) ** 2
-    e = torch.log1p(r2 * (precision / nu)) * (0.5 * (nu + 1.0) * weight / precision)
-    return _apply_mask(e, mask).flatten(1).sum(1)
+    return weight * _apply_mask(student_t_terms(fixed, warped, precision, nu), mask).flatten(1).sum(1)
 
 
 class StudentT(SSD):

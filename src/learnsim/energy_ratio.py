@@ -24,7 +24,7 @@ from torch import Tensor
 from learnsim.likelihood import residual_quadratic
 from learnsim.spatial import warp
 
-__all__ = ["baseline_of", "energy_ratio", "matched_precision"]
+__all__ = ["baseline_of", "energy_ratio", "quadratic_ratio", "matched_precision"]
 
 
 def baseline_of(metric: Any) -> Any:
@@ -54,10 +54,21 @@ def energy_ratio(metric: Any, fixed: Tensor, moving: Tensor, disp: Tensor, mask:
         ``[B]``: 1 for a baseline (or a learnt metric at its Dirac initialisation).
     """
     warped = warp(moving, disp)
-    numel = int(torch.tensor(moving.shape[2:]).prod())
     base = baseline_of(metric)
-    q_metric = residual_quadratic(metric, metric(fixed, warped, mask), mask, numel)
-    q_base = residual_quadratic(base, base(fixed, warped, mask), mask, numel)
+    return quadratic_ratio(metric, metric(fixed, warped, mask), base(fixed, warped, mask) * metric.energy.weight,
+                           mask, warped[0, 0].numel())
+
+
+def quadratic_ratio(metric: Any, e_metric: Tensor, e_base: Tensor, mask: Tensor | None, numel: int) -> Tensor:
+    """``rho`` per pair ``[B]`` from the two energies of the same pairs at the **same** weight (the metric's).
+
+    Args:
+        metric: the learnt metric (its energy kind and weight read the energies as ``Q``).
+        e_metric, e_base: ``[B]`` the metric's energy and its baseline's, both at ``metric.energy.weight``.
+        mask: the mask both were summed in, or None. numel: voxels per image (the count when ``mask`` is None).
+    """
+    q_metric = residual_quadratic(metric, e_metric, mask, numel)
+    q_base = residual_quadratic(metric, e_base, mask, numel)
     return q_metric / q_base.clamp_min(1e-30)
 
 

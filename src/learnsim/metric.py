@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from learnsim.energies import LCC, SSD, EnergyKind, StudentT, lcc_terms
+from learnsim.energies import LCC, SSD, EnergyKind, StudentT, lcc_terms, student_t_terms
 
 __all__ = ["FeatureEncoder", "SimilarityMetric", "CNNSSD", "CNNSSDT", "CNNLCC", "build_metric", "masked_rms"]
 
@@ -263,9 +263,8 @@ class SimilarityMetric(nn.Module):
         if isinstance(self.energy, LCC):
             window = self.energy.window.clamp_min(1e-3) if self.energy.learnable_window else None
             e = -lcc_terms(ff, fw, self.energy.radius, window)
-        elif isinstance(self.energy, StudentT) and not math.isinf(self.energy.nu):
-            t = self.energy
-            e = torch.log1p((ff - fw) ** 2 * (t.precision / t.nu)) * (0.5 * (t.nu + 1) / t.precision)
+        elif isinstance(self.energy, StudentT):
+            e = student_t_terms(ff, fw, self.energy.precision, self.energy.nu)
         else:
             e = 0.5 * (ff - fw) ** 2
         e = self.energy.weight * e

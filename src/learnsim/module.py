@@ -389,9 +389,8 @@ class LearnSimModule(pl.LightningModule):
         self.metric.set_weight_(learnt["data_weight"], precision=learnt["precision"])
         if self.population is not None and self.population.noise == "student_t":
             self.metric.set_nu_(min(learnt["nu"], 1e30))
-        b = 1
         self.log_dict({f"likelihood/{k}": float(min(v, 1e30)) for k, v in learnt.items()}, on_step=True,
-                      on_epoch=True, batch_size=b, sync_dist=False)
+                      on_epoch=True, batch_size=1, sync_dist=False)
 
     def _contrastive_step(self, opt_f, opt_phi, fixed: Tensor, mask: Tensor, warped: Tensor, f1: Tensor,
                           f2: Tensor) -> dict[str, Tensor]:
@@ -419,7 +418,7 @@ class LearnSimModule(pl.LightningModule):
         with torch.no_grad():
             e_base = metric.energy(fixed, warped, mask)
             scale = {"feature_scale": c.detach(), "raw_feature_rms": masked_rms(raw_fixed.detach(), mask),
-                     "energy_ratio": _quadratic_ratio(metric, e_fixed.detach(), e_base, mask)}
+                     "energy_ratio": _energy_ratio(metric, e_fixed.detach(), e_base, mask, warped[0, 0].numel())}
         return {"loss_phi": loss_phi.detach(), "loss_f": (loss_f if loss_f is not None else torch.zeros(())).detach(),
                 "e_fixed": e_fixed.detach(),
                 "e_q_f": (0.5 * (e_1 + e_2)).detach(), "e_base": e_base, **scale}
@@ -615,19 +614,16 @@ class LearnSimModule(pl.LightningModule):
             pass
 
 
-def _quadratic_ratio(metric: SimilarityMetric, e_metric: Tensor, e_base: Tensor, mask: Tensor | None) -> Tensor:
-    """The energy ratio ``rho`` (:mod:`learnsim.energy_ratio`): ``Q`` of the metric over ``Q`` of its baseline, from
-    their energies at the same weight (SSD: the energies' ratio; LCC: ``sum (1 - cc)`` of features over intensities);
-    the mean over the batch. A Student-t metric (not quadratic) gives the energies' ratio."""
+def _energy_ratio(metric: SimilarityMetric, e_metric: Tensor, e_base: Tensor, mask: Tensor | None,
+                  numel: int) -> Tensor:
+    """The energy ratio ``rho`` logged in training, the mean over the batch
+    (:func:`learnsim.energy_ratio.quadratic_ratio`); a Student-t metric (not quadratic) logs the energies' ratio."""
     from learnsim.energies import StudentT
-    from learnsim.likelihood import residual_quadratic
+    from learnsim.energy_ratio import quadratic_ratio
 
     if isinstance(metric.energy, StudentT):
         return (e_metric / e_base).mean()
-    numel = int(mask[0].numel()) if mask is not None else 0
-    q_m = residual_quadratic(metric, e_metric, mask, numel)
-    q_b = residual_quadratic(metric, e_base, mask, numel)
-    return (q_m / q_b.clamp_min(1e-30)).mean()
+    return quadratic_ratio(metric, e_metric, e_base, mask, numel).mean()
 
 
 def _gathered(obj: Any) -> list[Any]:

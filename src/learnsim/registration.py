@@ -320,8 +320,7 @@ class VariationalRegistration:
         with self._autocast(moving.device):
             warped = warp(moving.repeat(2, 1, 1, 1, 1), disp)
             feat_warped = self.metric.features(warped)
-            ff = feat_fixed if feat_fixed.shape[0] == 1 else feat_fixed.repeat(2, 1, 1, 1, 1)
-            m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
+            ff, m = _doubled(feat_fixed, mask)
             data = self.metric.energy_from_features(ff, feat_warped, m).to(v.dtype)
         if self._data_scale is not None:  # the learnt precision over the metric's own weight, per pair
             data = data * self._data_scale.repeat(2)
@@ -443,8 +442,7 @@ class VariationalRegistration:
             ``count`` ``[B]`` (the mask's sum), ``alpha`` ``[B]`` and the map or None.
         """
         b, shape, dev = moving.shape[0], moving.shape[2:], moving.device
-        ff = feat_fixed if feat_fixed.shape[0] == 1 else feat_fixed.repeat(2, 1, 1, 1, 1)
-        m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
+        ff, m = _doubled(feat_fixed, mask)
         numel = int(torch.tensor(shape).prod())
         quadratic = not isinstance(self.metric.energy, StudentT)
         quad, alpha = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
@@ -614,3 +612,11 @@ class VariationalRegistration:
                 if len(out) < n:
                     out.append(self.displacement(s, shape)[1])
         return torch.stack(out)
+
+
+def _doubled(feat_fixed: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``a(F)`` and the mask for an antithetic pair of samples stacked on the batch axis (``[2B, ...]``): a shared
+    ``[1, ...]`` tensor broadcasts as it is, a per-pair ``[B, ...]`` one is repeated."""
+    ff = feat_fixed if feat_fixed.shape[0] == 1 else feat_fixed.repeat(2, 1, 1, 1, 1)
+    m = mask if (mask is None or mask.shape[0] == 1) else mask.repeat(2, 1, 1, 1, 1)
+    return ff, m

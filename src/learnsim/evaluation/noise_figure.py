@@ -65,7 +65,9 @@ def noise_figure(hist_counts: np.ndarray, centres_r2: np.ndarray, precision: flo
     ax.set_ylim(max(1e-7, density[keep].min() / 3), None)
     ax.legend(fontsize=8)
     ax.set_title("residual distribution (log scale)")
-    tau = (nu + 1) / (nu + precision * residual**2)
+    from learnsim.likelihood import student_t_weights
+
+    tau = student_t_weights(residual**2, precision, nu)  # works on arrays too
     for a, img, title, cmap, lim in (
         (axes[1], atlas, "atlas (mid slice)", "gray", (0, 1)),
         (axes[2], residual, "affine-only residual F - M", "coolwarm", (-0.3, 0.3)),
