@@ -378,3 +378,28 @@ def test_training_energy_ratio_of_lcc_without_a_mask_counts_every_voxel():
     fixed, warped = torch.rand(1, 1, 8, 9, 10), torch.rand(2, 1, 8, 9, 10)
     e_metric, e_base = lcc(fixed, warped), lcc.energy(fixed, warped)
     assert float(_energy_ratio(lcc, e_metric, e_base, None, warped[0, 0].numel())) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("key", ["metric.energy.nu", "metric.energy.precision", "metric.energy.weight",
+                                 "likelihood.decimation", "likelihood.prior_mean", "likelihood.prior_strength",
+                                 "likelihood.update_every", "likelihood.samples"])
+def test_fuzz_the_likelihood_keys(cfg_test, tmp_path, key):
+    """0, -1, nan, inf, 1e30 and a huge int on every new key: one line naming the key, or a finite result."""
+    from omegaconf import OmegaConf
+    from test_reliability_numeric import FUZZ, _outcome
+
+    from learnsim.cli.test import evaluate
+
+    for i, value in enumerate(FUZZ):
+        cfg = cfg_test.copy()
+        OmegaConf.set_struct(cfg, False)
+        if key in ("metric.energy.nu", "metric.energy.precision"):  # metric=ssd_t
+            cfg.metric.energy = {"_target_": "learnsim.energies.StudentT", "weight": 100.0, "nu": 5.0,
+                                 "precision": None}
+        OmegaConf.update(cfg, "likelihood.per_pair", key.startswith("likelihood."))
+        OmegaConf.update(cfg, key, value)
+        result: dict = {}
+        if _outcome(lambda cfg=cfg, i=i, r=result: r.update(evaluate(cfg, tmp_path / str(i))), key) == "ran":
+            assert result["n_pairs"] + result.get("n_failed", 0) == 1, (key, value)
+            if result["n_pairs"]:
+                assert math.isfinite(result["overall"]["dsc"]["mean"]), (key, value)

@@ -194,10 +194,11 @@ class LikelihoodLearning:
         d = self.decimation
         if not (d == "auto" or (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1)):
             raise ValueError(f"likelihood.decimation must be 'auto' or a number in (0, 1]; got {d!r}")
-        if not (isinstance(self.update_every, int) and self.update_every >= 1):
+        if not (isinstance(self.update_every, int) and not isinstance(self.update_every, bool)
+                and self.update_every >= 1):
             raise ValueError(f"likelihood.update_every must be an integer >= 1; got {self.update_every!r}")
-        if not (isinstance(self.samples, int) and self.samples >= 1):
-            raise ValueError(f"likelihood.samples must be an integer >= 1; got {self.samples!r}")
+        if not (isinstance(self.samples, int) and not isinstance(self.samples, bool) and 1 <= self.samples <= 64):
+            raise ValueError(f"likelihood.samples must be an integer in [1, 64]; got {self.samples!r}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, mean: float) -> LikelihoodLearning:
@@ -209,8 +210,8 @@ class LikelihoodLearning:
         prior = PrecisionPrior(float(mean if prior_mean is None else prior_mean),
                                math.inf if str(strength).lower() in ("inf", "infinity") else float(strength))
         dec = cfg.get("decimation", "auto")
-        return cls(prior, dec if dec == "auto" else float(dec), int(cfg.get("update_every", 25)),
-                   int(cfg.get("samples", 1)))
+        # the integers as given: __post_init__ refuses a float (nan, inf, 1e30) naming the key, int() would not
+        return cls(prior, dec if dec == "auto" else float(dec), cfg.get("update_every", 25), cfg.get("samples", 1))
 
     def alpha(self, residual: Tensor, mask: Tensor | None) -> Tensor:
         """``alpha`` per pair ``[B]``: the given number, or estimated from ``residual`` ``[B, 1, D, H, W]``."""

@@ -30,7 +30,8 @@ SPLITS = ("test", "val")
 class Range:
     """An allowed range: ``kind`` ``"int"`` or ``"float"``; ``low`` / ``high`` inclusive unless ``low_open``;
     ``special``: a string also accepted (``"auto"``); ``nullable``: None accepted (the default applies);
-    ``listed``: a list of such numbers (one per pyramid level, or per grid axis) or a single one."""
+    ``listed``: a list of such numbers (one per pyramid level, or per grid axis) or a single one; ``infinite``:
+    ``+inf`` accepted too (a limit, e.g. Student-t's ``nu = inf`` is SSD)."""
 
     kind: str
     low: float
@@ -39,6 +40,7 @@ class Range:
     special: str | None = None
     nullable: bool = False
     listed: bool = False
+    infinite: bool = False
 
     def describe(self) -> str:
         """``"a number in (0, 10000]"``, ``"an integer in [1, 1000000]"``, ``... or 'auto'``."""
@@ -48,6 +50,8 @@ class Range:
         text = f"{what} in {low}{fmt(self.low)}, {fmt(self.high)}]"
         if self.listed:
             text = f"{text} (or a list of them)"
+        if self.infinite:
+            text += " or inf"
         if self.special:
             text += f" or '{self.special}'"
         if self.nullable:
@@ -69,6 +73,8 @@ class Range:
             return False
         if self.kind == "int" and not isinstance(value, int):
             return False
+        if self.infinite and value == math.inf:
+            return True
         if not math.isfinite(value) or value > self.high:
             return False
         return value > self.low if self.low_open else value >= self.low
@@ -104,7 +110,9 @@ RANGES: dict[str, Range] = {
     "log_period": Range("int", 1, 10**9),
     "no_iters_warm": Range("int", 1, 1_000_000, nullable=True),
     "optimizer_lr": Range("float", 0, 1e4, low_open=True, nullable=True),
-    "max_epochs": Range("int", 0, 10**6, nullable=True),  # -1 (Lightning: no limit) would run until max_time
+    "max_epochs": Range("int", 0, 10**6, nullable=True),
+    "nu": Range("float", 0, 1e30, low_open=True, infinite=True),  # Student-t degrees of freedom (inf: SSD)
+    "noise_precision": Range("float", 0, _BIG, low_open=True, nullable=True),  # Student-t's w (null: the weight)  # -1 (Lightning: no limit) would run until max_time
 }
 
 #: ``learnsim-register`` / :func:`learnsim.register` keyword -> concept
@@ -128,6 +136,7 @@ CONFIG_KEYS: dict[str, str] = {
     "data.batch_size": "batch_size", "uniform_noise": "uniform_noise", "log_period": "log_period",
     "no_iters_val": "no_iters", "q_f.sigma_init": "sigma_init", "q_f.u_init": "u_init", "q_f.rank": "rank",
     "optimizer.q_f.lr": "optimizer_lr", "optimizer.q_phi.lr": "optimizer_lr", "trainer.max_epochs": "max_epochs",
+    "metric.energy.nu": "nu", "metric.energy.precision": "noise_precision",
 }
 
 
