@@ -25,6 +25,7 @@ from learnsim.grid import affine_to_tensor
 from learnsim.likelihood import LikelihoodLearning, PrecisionPrior, parse_data_weight
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.metric_checkpoint import check_metric_finite, load_learnt_metric
+from learnsim.profiling import stage
 from learnsim.ranges import check_register_settings
 from learnsim.registration import FitResult, LevelSchedule, VariationalRegistration
 from learnsim.sobolev import SobolevSmoother
@@ -257,10 +258,12 @@ def register(
     if schedule.levels > 1 and kind is not TransformationKind.SVF:
         raise ValueError(f"levels={schedule.levels} needs transformation='svf' (the pyramid transfers dense velocities)")
     tensors = isinstance(fixed, Tensor) and isinstance(moving, Tensor)
-    inputs = (_tensor_inputs(fixed, moving, moving_seg, fixed_mask, affine) if tensors
-              else _file_inputs(fixed, moving, moving_seg, fixed_mask, dims))
+    with stage("loading"):
+        inputs = (_tensor_inputs(fixed, moving, moving_seg, fixed_mask, affine) if tensors
+                  else _file_inputs(fixed, moving, moving_seg, fixed_mask, dims))
     if histmatch:
-        inputs.match_histogram()
+        with stage("histogram matching"):
+            inputs.match_histogram()
     torch.manual_seed(seed)
     reg = VariationalRegistration.paper(
         metric.to(dev), w_reg=w_reg, transformation=kind.build(no_steps, cps, int_downsize),
@@ -271,9 +274,13 @@ def register(
     )
     moving_t, mask_t = inputs.moving.to(dev), (inputs.mask.to(dev) if inputs.mask is not None else None)
     fit = reg.fit_levels(inputs.fixed.to(dev), moving_t, mask_t, progress=progress, log_every=4 if progress else 0, on_level=on_level)
-    out = _outputs(reg, fit, moving_t, inputs.seg, inputs.affine, no_samples, inputs.notes)
+    with stage("output samples"):
+        out = _outputs(reg, fit, moving_t, inputs.seg, inputs.affine, no_samples, inputs.notes)
     back = inputs.back_to_fixed
-    return _reorient(out, back) if back is not None and not np.allclose(back.affine, inputs.affine, atol=1e-6) else out
+    if back is None or np.allclose(back.affine, inputs.affine, atol=1e-6):
+        return out
+    with stage("reorientation"):
+        return _reorient(out, back)
 
 
 def _resolve_likelihood(metric: str | SimilarityMetric, data_weight: Any,

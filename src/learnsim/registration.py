@@ -47,6 +47,7 @@ from learnsim.likelihood import (
     squared_residual_map,
 )
 from learnsim.metric import SimilarityMetric
+from learnsim.profiling import count_iterations, section, stage
 from learnsim.pyramid import Pyramid, upsample_q_v
 from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import warp
@@ -272,8 +273,10 @@ class VariationalRegistration:
 
     def displacement(self, params_sample: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Smoothed velocity and displacement of a parameter sample: ``([B,3,D,H,W], [B,3,D,H,W])`` voxels."""
-        v = self.transformation.velocity(self.sobolev(params_sample), shape)
-        return v, self.transformation(v)
+        with stage("smoothing"):
+            v = self.transformation.velocity(self.sobolev(params_sample), shape)
+        with stage("integration"):
+            return v, self.transformation(v)
 
     def add_coordinate_noise(self, disp: Tensor, generator: Generators = None, chunks: int = 1) -> Tensor:
         """``disp`` plus U(-a, a) voxel noise on every sampling coordinate (``a = uniform_noise``; 0: unchanged).
@@ -312,19 +315,23 @@ class VariationalRegistration:
         """
         b = moving.shape[0]
         shape = moving.shape[2:]
-        pair, entropy = antithetic_pair(params, generator)
+        with stage("sampling"):
+            pair, entropy = antithetic_pair(params, generator)
         v, disp = self.displacement(pair, shape)
         if training:
             # antithetic halves get independent noise, drawn from the same per-pair generators
             disp = self.add_coordinate_noise(disp, generator, chunks=2)
         with self._autocast(moving.device):
-            warped = warp(moving.repeat(2, 1, 1, 1, 1), disp)
-            feat_warped = self.metric.features(warped)
-            ff, m = _doubled(feat_fixed, mask)
-            data = self.metric.energy_from_features(ff, feat_warped, m).to(v.dtype)
+            with stage("warp"):
+                warped = warp(moving if b == 1 else moving.repeat(2, 1, 1, 1, 1), disp)  # [1, ...] broadcasts
+            with stage("energy"):
+                feat_warped = self.metric.features(warped)
+                ff, m = _doubled(feat_fixed, mask)
+                data = self.metric.energy_from_features(ff, feat_warped, m).to(v.dtype)
         if self._data_scale is not None:  # the learnt precision over the metric's own weight, per pair
             data = data * self._data_scale.repeat(2)
-        energy = data + self.reg(v)
+        with stage("regulariser"):
+            energy = data + self.reg(v)
         return energy.view(2, b).mean(0) - entropy
 
     @contextlib.contextmanager
@@ -384,12 +391,13 @@ class VariationalRegistration:
         history: list[tuple[int, Tensor]] = []
         # the metric is frozen here: a(F) once, and no gradients into the metric's weights
         with self._frozen_metric(), self._learning_precision(b, device, fixed, moving, mask):
-            with torch.no_grad(), self._autocast(device):
+            with torch.no_grad(), self._autocast(device), stage("energy"):
                 feat_fixed = self.metric.features(fixed).float()
             loss = torch.zeros(b, device=device)
             for it in range(no_iters if no_iters is not None else self.no_iters):
                 if self._estimate is not None and it % self.likelihood.update_every == 0:
-                    self._update_precision(LowRankParams(*leaves), it)
+                    with stage("likelihood"):
+                        self._update_precision(LowRankParams(*leaves), it)
                 loss = self._step(LowRankParams(*leaves), optimizer, feat_fixed, moving, mask, training, generator)
                 if log_every and (it % log_every == 0):
                     history.append((it, loss))
@@ -490,11 +498,14 @@ class VariationalRegistration:
         loss = self.loss(q, feat_fixed, moving, mask, training, generator)
         optimizer.zero_grad(set_to_none=True)
         leaves = q.tensors()
-        grads = torch.autograd.grad(loss.sum(), leaves)
-        for leaf, g in zip(leaves, grads, strict=True):
-            # autograd may hand back an expanded view; PyTorch's fused CPU Adam mishandles those: real strides
-            leaf.grad = g.contiguous()
-        optimizer.step()
+        with stage("backward"):
+            grads = torch.autograd.grad(loss.sum(), leaves)
+            for leaf, g in zip(leaves, grads, strict=True):
+                # autograd may hand back an expanded view; PyTorch's fused CPU Adam mishandles those: real strides
+                leaf.grad = g.contiguous()
+        with stage("optimiser"):
+            optimizer.step()
+        count_iterations()
         return loss.detach()
 
     def fit_levels(
@@ -542,22 +553,23 @@ class VariationalRegistration:
             self._level = sched.levels - 1
             if on_level is not None:
                 on_level(sched.levels - 1, sched.levels, tuple(moving.shape[2:]), n)
-            return self.fit(fixed, moving, mask, params, n, training, progress, log_every, generator, lr=rate)
+            with section(_level_name(sched.levels - 1, sched.levels, moving.shape[2:])):
+                return self.fit(fixed, moving, mask, params, n, training, progress, log_every, generator, lr=rate)
         if type(self.transformation).param_shape is not SVF.param_shape:
             raise ValueError("q_v.levels > 1 needs a dense SVF transformation (transformation=svf)")
         if moving.dim() != 5 or moving.shape[1] != 1:
             raise ValueError(f"fit_levels: moving must be [B, 1, D, H, W]; got {tuple(moving.shape)}")
         start = time.perf_counter()
-        pyr = Pyramid(fixed, moving, mask, sched.levels)
+        with stage("pyramid"):
+            pyr = Pyramid(fixed, moving, mask, sched.levels)
         history: list[tuple[int, Tensor]] = []
         done = 0
         q: LowRankParams | None = None
         fit: FitResult | None = None
         for level, shape in enumerate(pyr.shapes):
-            if q is None:
-                q = self._coarse_init(moving.shape[0], shape, tuple(moving.shape[2:]), moving.device)
-            else:
-                q = upsample_q_v(q, shape)
+            with stage("pyramid"):
+                q = (self._coarse_init(moving.shape[0], shape, tuple(moving.shape[2:]), moving.device) if q is None
+                     else upsample_q_v(q, shape))
             n = sched.iters[level]
             if on_level is not None:
                 on_level(level, sched.levels, tuple(shape), n)
@@ -568,7 +580,8 @@ class VariationalRegistration:
 
             f, m, k = pyr.level(level)
             self._level = level
-            fit = self.fit(f, m, k, q, n, training, shifted, log_every, generator, lr=sched.lr[level])
+            with section(_level_name(level, sched.levels, shape)):
+                fit = self.fit(f, m, k, q, n, training, shifted, log_every, generator, lr=sched.lr[level])
             history += [(done + it, loss) for it, loss in fit.history]
             q = fit.params
             done += n
@@ -612,6 +625,11 @@ class VariationalRegistration:
                 if len(out) < n:
                     out.append(self.displacement(s, shape)[1])
         return torch.stack(out)
+
+
+def _level_name(level: int, levels: int, shape: Sequence[int]) -> str:
+    """``"level 2/3 64x64x64"``: a pyramid level as the profile names it (:mod:`learnsim.profiling`)."""
+    return f"level {level + 1}/{levels} {'x'.join(str(int(n)) for n in shape)}"
 
 
 def _doubled(feat_fixed: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:

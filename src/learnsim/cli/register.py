@@ -12,6 +12,7 @@ failed run leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from learnsim import __version__, profiling
 from learnsim.api import checkpoint_settings, load_checkpoint, register, register_schedule, resolve_device
 from learnsim.checkpoint import ModuleKind, checkpoint_module
 from learnsim.cli.help import version_line
@@ -175,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--metric", default=REGISTER_METRIC,
                     help=f"ssd | lcc | path to a learnsim checkpoint (.ckpt); default {REGISTER_METRIC}")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where the time goes: ms per q_v iteration of each stage, per pyramid level, and the "
+                         "stages outside the fit (also in registration.json: profile)")
     ap.add_argument("overrides", nargs="*", help=f"key=value, keys: {', '.join(sorted(_OVERRIDABLE))}")
     return ap
 
@@ -216,6 +221,20 @@ def _main(argv: list[str] | None = None) -> int:
     if str(args.metric).endswith(".ckpt"):
         _checkpoint_defaults(args.metric, kwargs)
 
+    with profiling.profiling() if args.profile else contextlib.nullcontext() as prof:
+        line, res = _run(args, kwargs, out)
+    if prof is not None:
+        import torch
+
+        print(f"learnsim-register: profile (wall time; ms per q_v iteration of each stage, {torch.get_num_threads()} "
+              "threads; learnsim.profiling)")
+        print(prof.table())
+    print(line)
+    return 0
+
+
+def _run(args: argparse.Namespace, kwargs: dict, out: Path) -> tuple[str, object]:
+    """Register, write the outputs, print what was done; returns the summary line and the result."""
     from learnsim.registration import FitProgress
 
     start = time.perf_counter()
@@ -235,8 +254,20 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"learnsim-register: data_weight=auto settled at {float(res.fit.precision.weight.mean()):.4g} "
               f"(registration.json: learnt_precision)")
     print(f"learnsim-register: wrote {out} (fit {res.fit.seconds:.1f} s)")
-    print(line)
-    return 0
+    return line, res
+
+
+def _write_maps(stage: Path, res) -> None:
+    """The NIfTI maps of a result in ``stage``: warped image (and labels), mm displacement, uncertainty."""
+    aff = res.affine
+    save_nifti(stage / "warped.nii.gz", res.warped[0, 0].numpy(), aff, np.float32)
+    if res.warped_seg is not None:
+        seg = res.warped_seg[0, 0].numpy()
+        small = seg.size == 0 or (seg.min() >= -(2**15) and seg.max() < 2**15)  # ids >= 32768 need int32
+        save_nifti(stage / "warped_seg.nii.gz", seg, aff, np.int16 if small else np.int32)
+    save_nifti(stage / "disp_mm.nii.gz", res.disp_mm[0].permute(1, 2, 3, 0).numpy(), aff, np.float32)
+    if res.uncertainty_mm is not None:
+        save_nifti(stage / "uncertainty_mm.nii.gz", res.uncertainty_mm[0, 0].numpy(), aff, np.float32)
 
 
 def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched, start: float) -> str:
@@ -244,17 +275,10 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
     (replacing a previous learnsim-register output); returns the summary line."""
     stage = make_stage(out)
     try:
-        aff = res.affine
-        save_nifti(stage / "warped.nii.gz", res.warped[0, 0].numpy(), aff, np.float32)
-        if res.warped_seg is not None:
-            seg = res.warped_seg[0, 0].numpy()
-            small = seg.size == 0 or (seg.min() >= -(2**15) and seg.max() < 2**15)  # ids >= 32768 need int32
-            save_nifti(stage / "warped_seg.nii.gz", seg, aff, np.int16 if small else np.int32)
-        save_nifti(stage / "disp_mm.nii.gz", res.disp_mm[0].permute(1, 2, 3, 0).numpy(), aff, np.float32)
-        if res.uncertainty_mm is not None:
-            save_nifti(stage / "uncertainty_mm.nii.gz", res.uncertainty_mm[0, 0].numpy(), aff, np.float32)
+        with profiling.stage("NIfTI writing"):
+            _write_maps(stage, res)
         info = {
-            "fixed": str(args.fixed), "moving": str(args.moving), "seg": args.seg, "metric": str(args.metric),
+            "learnsim_version": __version__, "fixed": str(args.fixed), "moving": str(args.moving), "seg": args.seg, "metric": str(args.metric),
             "overrides": {k: v for k, v in kwargs.items()}, "notes": res.notes,
             "final_loss": float(res.fit.loss.mean()), "fit_seconds": res.fit.seconds,
             "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
@@ -262,10 +286,14 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
         }
         if res.fit.precision is not None:  # data_weight=auto: where the learnt precision settled, per update
             info["learnt_precision"] = res.fit.precision.as_dict()
-        line, numbers = summary_line(args, res, time.perf_counter() - start)
+        with profiling.stage("summary"):
+            line, numbers = summary_line(args, res, time.perf_counter() - start)
         info.update(numbers)
         if not args.no_figures:
-            info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
+            with profiling.stage("figures"):
+                info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
+        if (prof := profiling.active_profile()) is not None:
+            info["profile"] = prof.as_dict()
         (stage / "registration.json").write_text(json.dumps(info, indent=2, default=str))
         write_marker(stage, _PROG)
         # checked again: the folder may have appeared or changed during the fit (another run with the same --out)
