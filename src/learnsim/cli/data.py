@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="download cache (default $LEARNSIM_CACHE or ~/.cache/learnsim)",
     )
+    d.add_argument(
+        "--train-sources",
+        default="all",
+        help="real volumes the training pseudo-subjects are made from: 'all' (default: 10 volumes, 9 without "
+        "apt-get), 'three' (the three-volume cohort of earlier versions) or a comma-separated list of names",
+    )
 
     u = sub.add_parser(
         "ukbb", help="preprocess a UK Biobank-style cohort (one folder per subject) and write pair lists"
@@ -117,6 +123,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             max_disp_mm=tuple(args.max_disp_mm),
             cache=str(args.cache) if args.cache else None,
+            train_sources=args.train_sources,
         )
         build_demo(cfg)
         return 0

