@@ -3,7 +3,9 @@
 The public face, imported on first use (``import learnsim`` stays light):
 
 * :func:`register` (:mod:`learnsim.api`): register a moving image to a fixed one with a baseline or learnt metric;
-* :func:`load_metric`: a checkpoint's learnt metric (:meth:`learnsim.metric.SimilarityMetric.from_checkpoint`);
+* :func:`load_metric`: a checkpoint's learnt metric (:meth:`learnsim.metric.SimilarityMetric.from_checkpoint`), or
+  an original release CNN_SSD / CNN_LCC file (:mod:`learnsim.original_release`);
+* :func:`load_network`: a VoxelMorph network, learnsim's checkpoint or an original release file;
 * :func:`evaluate` (:mod:`learnsim.evaluation.run`): register and evaluate a pair list, as ``learnsim-test`` does.
 """
 
@@ -20,9 +22,10 @@ from typing import Any
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 __version__ = "0.1.0"
-__all__ = ["register", "load_metric", "evaluate", "__version__"]
+__all__ = ["register", "load_metric", "load_network", "evaluate", "__version__"]
 
-_LAZY = {"register": "learnsim.api", "load_metric": "learnsim.api", "evaluate": "learnsim.evaluation.run"}
+_LAZY = {"register": "learnsim.api", "load_metric": "learnsim.api", "load_network": "learnsim.api",
+         "evaluate": "learnsim.evaluation.run"}
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from learnsim.sobolev import SobolevSmoother
 from learnsim.spatial import displacement_to_mm, warp, warp_labels
 from learnsim.transformation import TransformationKind
 
-__all__ = ["load_metric", "load_checkpoint", "checkpoint_settings", "register", "RegistrationOutput", "DEFAULTS",
+__all__ = ["load_metric", "load_network", "load_checkpoint", "checkpoint_settings", "register", "RegistrationOutput", "DEFAULTS",
            "REGISTER_DEFAULTS", "register_schedule", "resolve_device"]
 
 # Read-only views of learnsim.defaults, for callers of the former tables (the paper's per-energy settings, and what
@@ -104,9 +105,39 @@ def resolve_device(device: str | torch.device = "auto", key: str = "device") -> 
     return dev
 
 
-def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu") -> SimilarityMetric:
-    """The learnt metric of a learnsim training checkpoint: :meth:`SimilarityMetric.from_checkpoint`."""
+def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu", verbose: bool = True) -> SimilarityMetric:
+    """The learnt metric of a learnsim training checkpoint (:meth:`SimilarityMetric.from_checkpoint`), or of an
+    original release CNN_SSD / CNN_LCC checkpoint (:mod:`learnsim.original_release`: rebuilt for learnsim's RAS
+    grids, its one-line description printed to stderr unless ``verbose=False``); anything else is refused in one
+    line naming the file."""
+    from learnsim.original_release import ReleaseKind, load_release, read_release_file, release_kind
+
+    kind = release_kind(read_release_file(ckpt, map_location))
+    if kind is ReleaseKind.NETWORK:
+        raise ValueError(f"{ckpt}: an original release VoxelMorph network, not a learnt metric (use learnsim.load_network)")
+    if kind is not None:
+        _, metric, line = load_release(ckpt, map_location)
+        if verbose:
+            print(f"learnsim: {line}", file=sys.stderr)
+        return metric  # type: ignore[return-value]
     return SimilarityMetric.from_checkpoint(ckpt, map_location)
+
+
+def load_network(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu", verbose: bool = True) -> Any:
+    """The :class:`~learnsim.voxelmorph.VoxelMorphNet` of a learnsim VoxelMorph checkpoint, or of an original release
+    VoxelMorph file (a :class:`~learnsim.original_release.ReleasedVoxelMorphNet`: 2020 integration geometry, inputs on
+    learnsim's RAS grids reoriented to its own axes), in eval mode; ``verbose`` prints one line saying what was
+    loaded (stderr). Anything else is refused in one line naming the file.
+
+    ``net(moving, fixed) -> (velocity, displacement)``, ``[B, 3, D, H, W]`` voxels; for NIfTI files in any orientation
+    use :func:`learnsim.network_registration.register_with_network` (or ``learnsim-register --network``).
+    """
+    from learnsim.network_registration import open_network
+
+    loaded = open_network(ckpt, map_location)
+    if verbose:
+        print(f"learnsim: {loaded.description}", file=sys.stderr)
+    return loaded.net
 
 
 def _check_not_constant(x: np.ndarray | Tensor, name: str, mask: np.ndarray | Tensor | None = None) -> None:

@@ -48,6 +48,7 @@ from learnsim.fast_integration import integrate_fast
 from learnsim.grid import as_dims
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.spatial import integrate_svf, warp, warp_labels
+from learnsim.vxm2020_integration import INTEGRATIONS, integrate_vxm2020
 
 __all__ = ["VoxelMorphNet", "VoxelMorphModule", "upsample_strided", "cosine_factor"]
 
@@ -110,6 +111,9 @@ class VoxelMorphNet(nn.Module):
             displacement.
         int_downsize: integration grid coarsening factor (1: the image grid).
         res_level: number of final up-samplings left out (0: full resolution; ``half_res`` means at least 1).
+        integration: ``"learnsim"`` (:func:`~learnsim.fast_integration.integrate_fast`) or ``"voxelmorph_2020"``
+            (:func:`~learnsim.vxm2020_integration.integrate_vxm2020`: the geometry the original release's networks
+            were trained with; chosen when one is loaded, :mod:`learnsim.original_release`).
         negative_slope: LeakyReLU slope.
         in_channels: channels of ``cat(moving, fixed)`` (2).
 
@@ -127,6 +131,7 @@ class VoxelMorphNet(nn.Module):
         in_channels: int = 2,
         int_downsize: int = 1,
         res_level: int = 0,
+        integration: str = "learnsim",
     ) -> None:
         super().__init__()
         if not 0 <= int(res_level) < max(1, len(enc_features)):
@@ -137,6 +142,9 @@ class VoxelMorphNet(nn.Module):
         if int(int_downsize) < 1:
             raise ValueError(f"VoxelMorphNet: int_downsize must be >= 1; got {int_downsize}")
         self.int_downsize = int(int_downsize)
+        if integration not in INTEGRATIONS:
+            raise ValueError(f"VoxelMorphNet: integration must be one of {INTEGRATIONS}; got {integration!r}")
+        self.integration = integration
         enc = [int(c) for c in enc_features]
         dec = [int(c) for c in dec_features]
         if not enc or min(enc) < 1:
@@ -189,6 +197,7 @@ class VoxelMorphNet(nn.Module):
             "in_channels": self.in_channels,
             "int_downsize": self.int_downsize,
             "res_level": self.res_level,
+            "integration": self.integration,
         }
 
     @property
@@ -247,6 +256,8 @@ class VoxelMorphNet(nn.Module):
 
     def integrate(self, v: Tensor) -> Tensor:
         """Displacement ``[B, 3, D, H, W]`` (voxels) of ``exp(v)`` (integrated ``int_downsize`` times coarser)."""
+        if self.integration == "voxelmorph_2020":
+            return integrate_vxm2020(v, self.no_steps, self.int_downsize)
         if self.int_downsize > 1:
             return integrate_fast(v, self.no_steps, self.int_downsize)
         return integrate_svf(v, self.no_steps)
