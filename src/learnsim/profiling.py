@@ -94,6 +94,14 @@ class StageProfile:
             sec.seconds += time.perf_counter() - start
             self.current, self._depth = previous, depth
 
+    def add(self, name: str, seconds: float, section: str = OUTSIDE) -> None:
+        """Add ``seconds`` measured elsewhere (e.g. in another thread) to stage ``name`` of ``section``."""
+        sec = self._section(section)
+        rec = sec.stages.setdefault(name, [0.0, 0])
+        rec[0] += float(seconds)
+        rec[1] += 1
+        sec.top.add(name)
+
     def as_dict(self) -> dict[str, Any]:
         """``{section: {"iterations", "seconds", "stages": {name: {"seconds", "calls", "ms_per_iteration"}}}}``."""
         out: dict[str, Any] = {}
@@ -125,7 +133,7 @@ class StageProfile:
         outside = self.sections.get(OUTSIDE)
         if outside is not None and outside.stages:
             lines.append("outside the fit (s): " + ", ".join(
-                f"{k} {s:.2f}" for k, (s, _) in outside.stages.items()))
+                f"{k} {s:.2f}" for k, (s, _) in outside.stages.items() if k in outside.top))
         return "\n".join(lines)
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,20 +93,45 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _write_figures(stage: Path, args: argparse.Namespace, res, histmatch: bool) -> list[str]:
+class _OnResultGrid:
+    """The inputs brought onto the result's grid (``res.affine``, the fixed grid) by the same preprocessing
+    :func:`learnsim.register` applies, each read and resampled once for the summary and the figures."""
+
+    def __init__(self, args: argparse.Namespace, res) -> None:
+        from learnsim.data.preprocess import Grid
+
+        self.args, self.grid = args, Grid(tuple(res.warped.shape[2:]), res.affine)
+
+    @functools.cached_property
+    def fixed(self):
+        """The fixed image (masked by ``--fixed-mask``) and ``--fixed-seg``: a ``Preprocessed``."""
+        from learnsim.data.preprocess import Volume, preprocess
+
+        a = self.args
+        return preprocess(Volume.load(a.fixed), self.grid, mask=Volume.load(a.fixed_mask) if a.fixed_mask else None,
+                          seg=Volume.load(a.fixed_seg) if a.fixed_seg else None)
+
+    @functools.cached_property
+    def moving(self):
+        """The moving image (not masked) and ``--seg``: a ``Preprocessed``."""
+        from learnsim.data.preprocess import Volume, preprocess
+
+        a = self.args
+        return preprocess(Volume.load(a.moving), self.grid, seg=Volume.load(a.seg) if a.seg else None,
+                          apply_mask=False)
+
+
+def _write_figures(stage: Path, args: argparse.Namespace, res, histmatch: bool,
+                   inputs: _OnResultGrid | None = None) -> list[str]:
     """``output_grid.png`` and (with ``--seg``) ``label_overlay.png`` in ``stage``; returns the file names.
 
-    The inputs are brought onto the result's grid (``res.affine``, the fixed grid) by the same preprocessing
-    :func:`learnsim.register` applies, so the panels show exactly what was registered.
+    The panels show the inputs exactly as they were registered (:class:`_OnResultGrid`).
     """
-    from learnsim.data.preprocess import Grid, Volume, match_histogram, preprocess
+    from learnsim.data.preprocess import match_histogram
     from learnsim.evaluation.figures import label_overlay, output_grid
 
-    grid = Grid(tuple(res.warped.shape[2:]), res.affine)
-    mask_v = Volume.load(args.fixed_mask) if args.fixed_mask else None
-    fixed_seg_v = Volume.load(args.fixed_seg) if args.fixed_seg else None
-    pf = preprocess(Volume.load(args.fixed), grid, mask=mask_v, seg=fixed_seg_v)
-    pm = preprocess(Volume.load(args.moving), grid, seg=Volume.load(args.seg) if args.seg else None, apply_mask=False)
+    inputs = inputs or _OnResultGrid(args, res)
+    pf, pm = inputs.fixed, inputs.moving
     moving = match_histogram(pm.image, None, pf.image, pf.mask) if histmatch else pm.image
     short = lambda path: "/".join(Path(path).resolve().parts[-2:])  # noqa: E731  (folder/file names the subject)
     name = f"{short(args.moving)} -> {short(args.fixed)}"
@@ -118,7 +145,8 @@ def _write_figures(stage: Path, args: argparse.Namespace, res, histmatch: bool) 
     return written
 
 
-def summary_line(args: argparse.Namespace, res, seconds: float) -> tuple[str, dict]:
+def summary_line(args: argparse.Namespace, res, seconds: float,
+                 inputs: _OnResultGrid | None = None) -> tuple[str, dict]:
     """The one-line summary printed at the end, and its numbers: DSC before/after (with ``--seg`` and
     ``--fixed-seg``: mean over the fixed segmentation's labels, on the result grid), folding voxels of the mean
     transformation, seconds."""
@@ -129,11 +157,8 @@ def summary_line(args: argparse.Namespace, res, seconds: float) -> tuple[str, di
     numbers: dict = {"folding_voxels": int(jacobian_stats(res.disp)["folding_voxels"]), "seconds": round(seconds, 2)}
     parts = []
     if args.seg and args.fixed_seg and res.warped_seg is not None:
-        from learnsim.data.preprocess import Grid, Volume, preprocess
-
-        grid = Grid(tuple(res.warped.shape[2:]), res.affine)
-        fixed_seg = preprocess(Volume.load(args.fixed), grid, seg=Volume.load(args.fixed_seg)).seg
-        moving_seg = preprocess(Volume.load(args.moving), grid, seg=Volume.load(args.seg), apply_mask=False).seg
+        inputs = inputs or _OnResultGrid(args, res)
+        fixed_seg, moving_seg = inputs.fixed.seg, inputs.moving.seg  # the fixed mask does not change its labels
         target = torch.from_numpy(np.asarray(fixed_seg, dtype=np.int64))
         numbers["dsc_before"] = float(mean_dice(torch.from_numpy(np.asarray(moving_seg, dtype=np.int64)), target))
         numbers["dsc_after"] = float(mean_dice(res.warped_seg[0, 0].long(), target))
@@ -233,11 +258,26 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _prefetch_output_modules() -> None:
+    """Import what the summary and the figures need (MONAI's metrics, matplotlib: ~3 s) in a thread while the fit
+    runs (the fit's kernels release the GIL); Python's import lock makes a later import wait for it."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        for name in ("learnsim.evaluation.metrics", "learnsim.evaluation.figures", "learnsim.evaluation.uncertainty"):
+            with contextlib.suppress(Exception):  # a failed import is raised where the module is used
+                importlib.import_module(name)
+
+    threading.Thread(target=load, name="learnsim-prefetch", daemon=True).start()
+
+
 def _run(args: argparse.Namespace, kwargs: dict, out: Path) -> tuple[str, object]:
     """Register, write the outputs, print what was done; returns the summary line and the result."""
     from learnsim.registration import FitProgress
 
     start = time.perf_counter()
+    _prefetch_output_modules()
     try:
         sched = register_schedule(_energy(args.metric), kwargs.get("levels"), kwargs.get("no_iters"), kwargs.get("lr"),
                                   kwargs.get("level_iters"), kwargs.get("level_lr"))
@@ -275,24 +315,14 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
     (replacing a previous learnsim-register output); returns the summary line."""
     stage = make_stage(out)
     try:
-        with profiling.stage("NIfTI writing"):
-            _write_maps(stage, res)
-        info = {
-            "learnsim_version": __version__, "fixed": str(args.fixed), "moving": str(args.moving), "seg": args.seg, "metric": str(args.metric),
-            "overrides": {k: v for k, v in kwargs.items()}, "notes": res.notes,
-            "final_loss": float(res.fit.loss.mean()), "fit_seconds": res.fit.seconds,
-            "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
-            "q_v_levels": list(sched.iters), "q_v_level_lr": list(sched.lr),
-        }
-        if res.fit.precision is not None:  # data_weight=auto: where the learnt precision settled, per update
-            info["learnt_precision"] = res.fit.precision.as_dict()
-        with profiling.stage("summary"):
-            line, numbers = summary_line(args, res, time.perf_counter() - start)
-        info.update(numbers)
-        if not args.no_figures:
-            with profiling.stage("figures"):
-                info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)))
+        # the maps are compressed in a second thread (zlib releases the GIL) while the summary and the figures are
+        # made here; leaving the pool waits for it, also when something below fails (then the stage is removed)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            maps = pool.submit(_timed, _write_maps, stage, res)
+            line, info = _summary_and_figures(stage, args, res, kwargs, sched, start)
+            seconds = maps.result()
         if (prof := profiling.active_profile()) is not None:
+            prof.add("NIfTI writing (overlapped)", seconds)
             info["profile"] = prof.as_dict()
         (stage / "registration.json").write_text(json.dumps(info, indent=2, default=str))
         write_marker(stage, _PROG)
@@ -302,6 +332,35 @@ def _write_outputs(out: Path, args: argparse.Namespace, res, kwargs: dict, sched
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return line
+
+
+def _timed(fn, *args) -> float:
+    """Run ``fn(*args)``; its wall time in seconds."""
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def _summary_and_figures(stage: Path, args: argparse.Namespace, res, kwargs: dict, sched,
+                         start: float) -> tuple[str, dict]:
+    """The summary line and the contents of ``registration.json``; the figures written to ``stage``."""
+    info = {
+        "learnsim_version": __version__, "fixed": str(args.fixed), "moving": str(args.moving), "seg": args.seg, "metric": str(args.metric),
+        "overrides": {k: v for k, v in kwargs.items()}, "notes": res.notes,
+        "final_loss": float(res.fit.loss.mean()), "fit_seconds": res.fit.seconds,
+        "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
+        "q_v_levels": list(sched.iters), "q_v_level_lr": list(sched.lr),
+    }
+    if res.fit.precision is not None:  # data_weight=auto: where the learnt precision settled, per update
+        info["learnt_precision"] = res.fit.precision.as_dict()
+    inputs = _OnResultGrid(args, res)
+    with profiling.stage("summary"):
+        line, numbers = summary_line(args, res, time.perf_counter() - start, inputs)
+    info.update(numbers)
+    if not args.no_figures:
+        with profiling.stage("figures"):
+            info["figures"] = _write_figures(stage, args, res, bool(kwargs.get("histmatch", False)), inputs)
+    return line, info
 
 
 if __name__ == "__main__":
