@@ -121,12 +121,15 @@ def field_to_grid(disp: Tensor, source: Grid, target: Grid) -> Tensor:
 
 def _network_inputs(loaded: LoadedNetwork, fixed_v: Any, moving_v: Any, mask_v: Any) -> tuple[Grid, Tensor, Tensor, Tensor | None]:
     """The pair on the network's grid, in its convention: ``(grid, fixed, moving, mask)`` tensors ``[1, 1, D, H, W]``."""
-    from learnsim.data.preprocess import preprocess, target_grid
-    from learnsim.original_convention import NETWORK_AXCODES, network_grid
+    from learnsim.data.preprocess import canonical_grid, preprocess, target_grid
+    from learnsim.original_convention import network_grid
 
     if loaded.original:
+        # the original loader's voxels, stored RAS (a signed permutation: exact); the network reorients them back to
+        # its own axes, and a metric for refinement works on RAS tensors like every learnsim metric
         grid = network_grid(fixed_v.data.shape, fixed_v.affine, loaded.dims)
-        loaded.net.set_working_axes(NETWORK_AXCODES)  # type: ignore[attr-defined]  # resampled onto its own axes
+        grid = canonical_grid(grid.shape, grid.affine)
+        loaded.net.set_working_axes(("R", "A", "S"))  # type: ignore[attr-defined]
     else:
         grid = target_grid(fixed_v.data.shape, fixed_v.affine, loaded.dims)
     pf = preprocess(fixed_v, grid, mask=mask_v, apply_mask=not loaded.original)
@@ -188,3 +191,25 @@ def register_with_network(
     fit = FitResult(None, energy, seconds)  # type: ignore[arg-type]  # no q_v: the network's result
     return RegistrationOutput(warped, warped_seg, disp_fix, disp_mm, disp_fix[None], None,
                               np.asarray(fixed_v.affine, dtype=np.float64), fit, notes)
+
+
+def release_registration(path: str | os.PathLike, device: torch.device | str, instance_lr: float | None,
+                         q_v: Any) -> tuple[Any, list[str]] | None:
+    """What ``learnsim-test ckpt=PATH`` registers with when ``PATH`` is an original release file, else None.
+
+    A network: :func:`release_module` (the cohort's RAS tensors reoriented to its axes). A learnt metric: ``q_v(metric)``
+    (the test config's registration, with :func:`learnsim.api.load_metric`'s metric). The notes say what was loaded.
+    """
+    from learnsim.original_release import ReleaseKind, load_release, read_release_file, release_kind
+
+    try:
+        kind = release_kind(read_release_file(path))
+    except ValueError:
+        return None  # not even a torch file: the learnsim checkpoint reader says so
+    if kind is None:
+        return None
+    if kind is ReleaseKind.NETWORK:
+        module = release_module(path, device, 0.01 if instance_lr is None else float(instance_lr), verbose=False)
+        return module, [f"{module.net.source}: original release network (voxelmorph_2020 integration, I-P-R inputs)"]
+    _, metric, line = load_release(path)
+    return q_v(metric.to(device).eval()), [line]

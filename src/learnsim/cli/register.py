@@ -202,6 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--metric", default=REGISTER_METRIC,
                     help=f"ssd | lcc | path to a learnsim checkpoint (.ckpt); default {REGISTER_METRIC}")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--network", metavar="CKPT",
+                    help="register with a VoxelMorph network in one pass: a learnsim VoxelMorph checkpoint or an "
+                         "original LearnSim release file (learnsim.cli.register_network); key=value: "
+                         "instance_optimisation_iters, instance_lr, device")
     ap.add_argument("--profile", action="store_true",
                     help="print where the time goes: ms per q_v iteration of each stage, per pyramid level, and the "
                          "stages outside the fit (also in registration.json: profile)")
@@ -227,6 +231,10 @@ def _checkpoint_defaults(metric: str, kwargs: dict) -> None:
 
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
+    if args.network:  # one-shot registration by a network: its own settings and outputs path
+        from learnsim.cli.register_network import network_main
+
+        return network_main(args, argv)
     kwargs = _parse_overrides(args.overrides)
     try:  # every number against the shared table (learnsim.ranges) and the device, before anything runs
         check_register_settings(kwargs)

@@ -130,6 +130,12 @@ def _registration(cfg: DictConfig, device: torch.device) -> tuple[Any, list[str]
     ckpt_path = Path(cfg.ckpt)
     if not ckpt_path.is_file():
         raise SystemExit(f"learnsim-test: checkpoint {ckpt_path} does not exist")
+    from learnsim.network_registration import release_registration
+
+    released = release_registration(ckpt_path, device, cfg.get("instance_lr"),
+                                    lambda metric: instantiate(cfg.registration)(metric=metric))
+    if released is not None:  # a file of the original LearnSim release (learnsim.original_release)
+        return released
     raw = load_checkpoint(ckpt_path)  # weights_only=True: no code from the file runs
     notes = _compare_with_training(cfg, raw.get("learnsim_config"))
     if checkpoint_module(raw) is ModuleKind.VOXELMORPH:
