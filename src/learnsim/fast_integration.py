@@ -32,7 +32,10 @@ def auto_steps(v: Tensor, max_step: float = 0.5, max_steps: int = 12) -> int:
 
     Reads one scalar from the device (a host sync on CUDA).
     """
-    vmax = float(v.detach().abs().amax()) if v.numel() else 0.0
+    if not v.numel():
+        return 0
+    lo, hi = torch.aminmax(v.detach())  # one pass and no |v| temporary (50 MB at 128^3, B = 2)
+    vmax = max(-float(lo), float(hi))
     if not math.isfinite(vmax):
         return int(max_steps)
     if vmax <= max_step:

@@ -199,7 +199,8 @@ def smooth(field: Tensor, weights: Sequence[float]) -> Tensor:
     w = np.asarray(weights, dtype=np.float64 if field.dtype == torch.float64 else np.float32)
     shape = field.shape
     src = field.detach().contiguous().reshape(-1, *shape[2:])
-    a, b = torch.empty_like(src), torch.empty_like(src)
+    # ``b`` is scratch (reused: no page faults on a fresh 50 MB buffer at 128^3); ``a`` is returned, so fresh
+    a, b = torch.empty_like(src), _WORKSPACE.get("smooth", tuple(src.shape), src.dtype)
     _separable(_np(src), w, _np(a), _np(b))
     return a.reshape(shape)
 
@@ -245,9 +246,11 @@ class _LCC(torch.autograd.Function):
         shape = warped.shape[2:]
         f = fixed.expand(b, *fixed.shape[1:]).reshape(b * c, *shape)
         m = warped.reshape(b * c, *shape)
-        stats = torch.stack([f, m, f * f, m * m, f * m], dim=1)  # [N, 5, D, H, W]
+        # scratch from the workspace (two 84 MB buffers at 128^3, B = 2: fresh ones cost their page faults)
+        stats = _WORKSPACE.get("lcc_stats", (b * c, 5, *shape), warped.dtype)
+        torch.stack([f, m, f * f, m * m, f * m], dim=1, out=stats)  # [N, 5, D, H, W]
         flat = stats.view(-1, *shape).numpy()
-        tmp = np.empty_like(flat)
+        tmp = _WORKSPACE.get("lcc_tmp", tuple(flat.shape), warped.dtype).numpy()
         summed = _box(flat, tmp, radius, adjoint=False).reshape(stats.shape)
         if mask is None:
             mk, has_mask = np.ones((1, 1, 1, 1), dtype=flat.dtype), False
@@ -271,9 +274,10 @@ class _LCC(torch.autograd.Function):
         f, m, coef = ctx.saved_tensors
         b, c = ctx.bc
         shape = f.shape[1:]
-        spread = coef.clone()
+        spread = _WORKSPACE.get("lcc_spread", tuple(coef.shape), coef.dtype)
+        spread.copy_(coef)
         flat = spread.view(-1, *shape).numpy()
-        tmp = np.empty_like(flat)
+        tmp = _WORKSPACE.get("lcc_adjoint", tuple(flat.shape), coef.dtype).numpy()
         adj = torch.from_numpy(_box(flat, tmp, ctx.radius, adjoint=True)).view(coef.shape)
         gm = f * adj[:, 0] + adj[:, 1] + 2.0 * m * adj[:, 2]
         gm = gm.view(b, c, *shape) * grad.view(b, 1, 1, 1, 1)
