@@ -399,10 +399,28 @@ def test_learnsim_register_with_a_network_file(tmp_path):
             "--fixed-seg", seg, "--no-figures", "instance_optimisation_iters=2", "device=cpu"]
     assert main(argv) == 0
     info = json.loads((out / "registration.json").read_text())
-    assert info["fit_seconds"] > 0 and "dsc_after" in info and "cnn" not in info["metric"]
-    assert info["metric"].startswith("ssd")  # the refinement metric the file name says
+    assert info["fit_seconds"] > 0 and "dsc_after" in info
+    assert info["metric"].endswith("2 steps of ssd")  # refined with the metric the file name says
     warped = nib.load(out / "warped.nii.gz")
     assert warped.shape == shape and np.allclose(warped.affine, affine)
     assert nib.load(out / "disp_mm.nii.gz").shape == (*shape, 3)
     with pytest.raises(SystemExit, match="q_v settings do not apply"):
         main([*argv[:6], "--overwrite", "no_iters=5"])
+
+
+@pytest.mark.parametrize("kind", ["network", "metric"])
+def test_learnsim_test_evaluates_an_original_release_file(cfg_test, tmp_path, kind):
+    """``learnsim-test ckpt=<original file>`` on a cohort: a network predicts each pair; a learnt metric runs q_v."""
+    from omegaconf import OmegaConf
+
+    from learnsim.cli.test import evaluate
+
+    path = tmp_path / f"{kind}.pt"
+    if kind == "network":
+        torch.save(vxm_file_state(seed=6), path)
+    else:
+        _save_metric_checkpoint(path, _metric_state(lcc=True))
+    OmegaConf.update(cfg_test, "ckpt", str(path), force_add=True)
+    summary = evaluate(cfg_test, tmp_path / "run")
+    assert summary["n_pairs"] == 1 and summary["overall"]["dsc"]["n"] > 0
+    assert any("original release" in note for note in summary["notes"])

@@ -93,7 +93,7 @@ def network_main(args: argparse.Namespace, argv: list[str] | None = None) -> int
         raise SystemExit(f"{_PROG}: {exc}") from exc
     for note in res.notes:
         print(f"{_PROG}: {note}")
-    args.metric = f"{metric.spec['kind']} (refinement metric of --network {args.network})"
+    args.metric = f"network {Path(args.network).name}" + (f" + {iters} steps of {metric.spec['kind']}" if iters else "")
     steps = SimpleNamespace(iters=[iters] if iters else [], lr=[float(kwargs.get("instance_lr", 0.01))] if iters else [])
     line = _write_outputs(out, args, res, kwargs, steps, start)
     print(f"{_PROG}: wrote {out} (network {res.fit.seconds:.2f} s per pair)")
