@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from learnsim.defaults import PAPER
+from learnsim.energies import RegLossL2
 from learnsim.grid import Grid
 from learnsim.metric import SimilarityMetric, build_metric
 from learnsim.voxelmorph import VoxelMorphModule, VoxelMorphNet
@@ -45,6 +47,8 @@ class LoadedNetwork:
         dims: its input grid ``(D, H, W)``.
         metric: the metric of its training energy (a learnsim checkpoint's frozen one; for an original file, the
             baseline its file name says, ``VXM_SSD_*`` or ``VXM_LCC_*``; LCC otherwise), for refinement.
+        reg_loss: the regulariser of refinement (a learnsim checkpoint's; for an original file the paper's ``w_reg``
+            for that energy, :data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
         description: one line saying what was loaded.
     """
 
@@ -53,6 +57,7 @@ class LoadedNetwork:
     dims: tuple[int, int, int]
     metric: SimilarityMetric
     description: str
+    reg_loss: RegLossL2 = field(default_factory=RegLossL2)
 
 
 def _energy_from_name(path: Path) -> str:
@@ -76,7 +81,9 @@ def open_network(path: str | os.PathLike, map_location: str | torch.device = "cp
     if kind is ReleaseKind.NETWORK:
         _, net, line = load_release(path, map_location)
         energy = _energy_from_name(path)
-        return LoadedNetwork(net, True, net.inshape, build_metric(energy), f"{line}; refinement metric {energy}")
+        metric = build_metric(energy)
+        return LoadedNetwork(net, True, net.inshape, metric, f"{line}; refinement metric {energy}",
+                             RegLossL2(PAPER[metric.energy_kind].w_reg))
     if kind is not None:
         raise ValueError(f"{path}: an original release {kind.value}, not a network (load it with learnsim.load_metric "
                          "or give it as --metric)")
@@ -89,7 +96,7 @@ def open_network(path: str | os.PathLike, map_location: str | torch.device = "cp
     net = module.net.eval()
     line = (f"{path}: learnsim VoxelMorph network (features {[net.enc_features, net.dec_features]}, grid "
             f"{list(module.dims)}, {net.integration} integration), metric {module.metric.spec['kind']}")
-    return LoadedNetwork(net, False, module.dims, module.metric.eval(), line)
+    return LoadedNetwork(net, False, module.dims, module.metric.eval(), line, module.reg_loss)
 
 
 def release_module(path: str | os.PathLike, device: torch.device | str = "cpu", instance_lr: float = 0.01,
@@ -100,7 +107,8 @@ def release_module(path: str | os.PathLike, device: torch.device | str = "cpu", 
     loaded.net.set_working_axes(("R", "A", "S"))  # type: ignore[attr-defined]
     if verbose:
         print(f"learnsim: {loaded.description}", file=sys.stderr)
-    module = VoxelMorphModule(loaded.net, metric=loaded.metric, dims=loaded.dims, instance_lr=instance_lr)
+    module = VoxelMorphModule(loaded.net, metric=loaded.metric, dims=loaded.dims, instance_lr=instance_lr,
+                              reg_loss=loaded.reg_loss)
     return module.to(device).eval()
 
 
@@ -169,7 +177,8 @@ def register_with_network(
     grid, fixed_t, moving_t, mask_t = _network_inputs(network, fixed_v, moving_v, mask_v)
     if not bool(moving_t.any()):
         raise ValueError(f"{moving}: the moving image does not overlap the fixed image {fixed} in world space")
-    module = VoxelMorphModule(network.net, metric=metric or network.metric, dims=grid.shape, instance_lr=instance_lr)
+    module = VoxelMorphModule(network.net, metric=metric or network.metric, dims=grid.shape, instance_lr=instance_lr,
+                              reg_loss=network.reg_loss)
     module = module.to(dev).eval()
     fixed_t, moving_t = fixed_t.to(dev), moving_t.to(dev)
     mask_t = mask_t.to(dev) if mask_t is not None else None
