@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from learnsim.api import resolve_device
 from learnsim.checkpoint import ModuleKind, checkpoint_module, load_checkpoint
+from learnsim.cli.cohort import is_rank_zero, test_job
 from learnsim.cli.config import config_dir, run_guarded, to_container
 from learnsim.cli.help import cli_entry, render_help
 from learnsim.cli.logger import is_wandb, prepare_wandb
 from learnsim.energy_ratio import matched_precision
-from learnsim.evaluation.run import evaluate as run_evaluation
+from learnsim.evaluation.sharding import fabric_settings, launch, run_rank
 from learnsim.grid import as_dims
 from learnsim.metric_checkpoint import load_learnt_metric
 from learnsim.ranges import SPLITS, check_config, warn_ignored_lr
@@ -154,19 +156,23 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Run the evaluation described by a composed test config (:func:`learnsim.evaluate`); returns the summary."""
     _check_settings(cfg)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    fabric = fabric_settings(cfg.get("trainer"))  # trainer=ddp trainer.devices=N: the pairs sharded over N ranks
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
-    registration, notes = _registration(cfg, device)
     datamodule = instantiate(cfg.data)
     datamodule.setup("test" if cfg.split == "test" else "validate")
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-    for note in notes:
-        print(f"learnsim-test: note: {note}")
-    summary = run_evaluation(
-        registration, loader, out_dir, no_samples=cfg.no_samples, no_samples_uncertainty=cfg.no_samples_uncertainty,
-        max_pairs=cfg.max_pairs, device=device, save_nifti=cfg.save_nifti, figures=cfg.figures, seed=cfg.seed,
-        run_name=str(cfg.name), instance_optimisation_iters=int(cfg.get("instance_optimisation_iters", 0)),
-    )
+    notes: list[str] = []
+
+    def make_registration(rank_device: torch.device) -> Any:  # each rank its own, on its own device
+        registration, found = _registration(cfg, rank_device)
+        notes[:] = found
+        for note in found if is_rank_zero() else ():
+            print(f"learnsim-test: note: {note}")
+        return registration
+
+    summary = launch(fabric, partial(run_rank, test_job(cfg, out_dir, loader.dataset, make_registration)), device)
+    if summary is None:  # another rank: rank 0 merged and reports
+        return {}
     summary["notes"] = notes
     print(summary_line(summary))
     (out_dir / "config.json").write_text(json.dumps(to_container(cfg), indent=2, default=str))
@@ -214,6 +220,9 @@ HELP_KEYS = [
     ("no_samples_uncertainty", "posterior samples per pair for the uncertainty map"),
     ("split", "test or val"),
     ("max_pairs", "evaluate only the first N pairs"),
+    ("hydra.run.dir", "the run folder: the same command there again skips the pairs already complete"),
+    ("fresh", "true: start over in the run folder (removes only learnsim's outputs there)"),
+    ("trainer", "ddp (GPUs) or ddp_sim (CPU) with trainer.devices=N, trainer.num_nodes=M: pairs sharded over ranks"),
     ("device", "auto, cpu or cuda"),
     ("instance_optimisation_iters", "VoxelMorph checkpoints: Adam steps refining the network's velocity per pair"),
     ("instance_lr", "their learning rate (null: the checkpoint's model.instance_lr)"),

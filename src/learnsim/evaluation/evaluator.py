@@ -175,6 +175,7 @@ class CalibrationAccumulator:
     def __init__(self, structures: dict[int, str], voxels: int, margin: int | None, n_bins: int, seed: int) -> None:
         self.structures, self.voxels, self.margin, self.n_bins, self.seed = structures, voxels, margin, n_bins, seed
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.owners: list[str] = []  # the pair of each part
 
     def region(self, mask: Tensor | None, fixed_seg: Tensor, warped_seg: Tensor, disagreement: Tensor) -> Tensor | None:
         """Voxels near the evaluated structures (fixed, mean-warped, or chosen by any sample), grown by ``margin``
@@ -196,6 +197,7 @@ class CalibrationAccumulator:
         idx = subsample_region(region, shape, self.voxels, pair_seed)
         u, d, e = (x.reshape(-1).cpu().numpy()[idx].astype(np.float64) for x in (uncertainty, disagreement, error))
         self.parts.append((u, d, e))
+        self.owners.append(pair_id)
         return {"spearman_disagreement": spearman(u, d), "spearman_error": spearman(u, e)}
 
     def pooled(self) -> tuple[pd.DataFrame | None, dict[str, float | None]]:
@@ -409,6 +411,36 @@ class Evaluator:
                                fixed_seg=p.fixed_seg, moving_seg=p.moving_seg, structures=self.structures,
                                title=f"{self.run_name}: {p.pair_id} (posterior-mean transformation)")
 
+    def pop_pair(self, pair_id: str) -> dict[str, Any]:
+        """Take an added pair's rows out of the run (a cohort run keeps them on disk instead of in memory:
+        :mod:`learnsim.evaluation.cohort`): ``summary``, ``metrics``, ``metrics_mean``, ``metrics_before`` (lists
+        of rows) and ``calibration`` (its ``(uncertainty, disagreement, error)`` subsample, or None)."""
+        def take(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            mine = [r for r in rows if r["pair"] == pair_id]
+            rows[:] = [r for r in rows if r["pair"] != pair_id]
+            return mine
+
+        summary = take(self._pairs)
+        if len(summary) != 1:
+            raise ValueError(f"Evaluator.pop_pair: pair {pair_id!r} was not added")
+        cal = self.calibration
+        calibration = next((p for p, o in zip(cal.parts, cal.owners, strict=True) if o == pair_id), None)
+        keep = [i for i, o in enumerate(cal.owners) if o != pair_id]
+        cal.parts, cal.owners = [cal.parts[i] for i in keep], [cal.owners[i] for i in keep]
+        return {"summary": summary[0], "metrics": take(self.overlap.samples), "metrics_mean": take(self.overlap.mean),
+                "metrics_before": take(self.overlap.before), "calibration": calibration}
+
+    def restore_pair(self, summary: dict[str, Any], metrics: list[dict[str, Any]], metrics_mean: list[dict[str, Any]],
+                     metrics_before: list[dict[str, Any]], calibration: Any = None) -> None:
+        """Put back a pair that :meth:`pop_pair` took out (read from its cohort record), in the run's order."""
+        self._pairs.append(dict(summary))
+        self.overlap.samples.extend(metrics)
+        self.overlap.mean.extend(metrics_mean)
+        self.overlap.before.extend(metrics_before)
+        if calibration is not None:
+            self.calibration.parts.append(tuple(np.asarray(a, dtype=np.float64) for a in calibration))
+            self.calibration.owners.append(str(summary["pair"]))
+
     # ------------------------------------------------------------------------------------------------------------
     def metrics_table(self) -> pd.DataFrame:
         """The rows of ``metrics.csv`` so far."""
@@ -434,8 +466,11 @@ class Evaluator:
         if bins is not None:
             _write_csv(self.out_dir / "calibration_bins.csv", bins)
 
+        from learnsim import __version__
+
         summary: dict[str, Any] = {
             "run": self.run_name,
+            "learnsim_version": __version__,
             "n_pairs": len(self._pairs),
             "n_rows": len(metrics),
             "structures": {},

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from learnsim.divergence import FitDiverged
-from learnsim.evaluation.evaluator import Evaluator, _write_json
+from learnsim.evaluation.cohort import CohortFolder, pair_seed
+from learnsim.evaluation.evaluator import Evaluator
 from learnsim.registration import FitProgress, VariationalRegistration
 
-__all__ = ["evaluate", "Registered", "register_pair", "check_registrable", "UnregistrablePair"]
+__all__ = ["evaluate", "Registered", "register_pair", "check_registrable", "UnregistrablePair", "PairRun"]
 
 
 @dataclass
@@ -100,6 +101,50 @@ def _likelihood_columns(registration: VariationalRegistration, fit: Any, fixed: 
     return cols
 
 
+@dataclass
+class PairRun:
+    """Registers, evaluates and records one pair at a time (``learnsim.evaluate`` and every rank of a cohort run).
+
+    Each pair is seeded by its name (:func:`~learnsim.evaluation.cohort.pair_seed`), evaluated by ``evaluator``,
+    taken out of it again and recorded in ``folder`` (its rows on disk, not in memory); a pair that cannot be
+    registered is recorded as failed.
+    """
+
+    registration: Any
+    evaluator: Evaluator
+    folder: CohortFolder
+    device: torch.device
+    n_draw: int
+    seed: int = 0
+    instance_optimisation_iters: int = 0
+    echo: Callable[[str], None] | None = print
+    prog: str = "learnsim-test"
+
+    def __call__(self, batch: Mapping[str, Any], desc: str) -> None:
+        pair_id = str(batch["pair_id"][0])
+        self.folder.start_pair(pair_id)
+        torch.manual_seed(pair_seed(self.seed, pair_id))
+        fixed, moving, mask = (batch[k].to(self.device) for k in ("fixed", "moving", "fixed_mask"))
+        try:
+            reg = register_pair(self.registration, fixed, moving, mask, self.n_draw, desc,
+                                self.instance_optimisation_iters)
+        except (FitDiverged, UnregistrablePair) as exc:  # this pair only: reported, never averaged in
+            self.folder.record_failure(pair_id, str(exc))
+            if self.echo is not None:
+                self.echo(f"{self.prog}: pair {pair_id}: FAILED (not averaged in): {exc}")
+            return
+        has_seg = bool(batch["has_seg"][0])
+        row = self.evaluator.add_pair(
+            pair_id, fixed.cpu(), moving.cpu(),
+            batch["fixed_seg"] if has_seg else None, batch["moving_seg"] if has_seg else None,
+            batch["fixed_mask"], batch["affine"][0], reg.samples.cpu(), reg.mean_disp.cpu(), reg.seconds, reg.extra,
+        )
+        self.folder.record_pair(pair_id, self.evaluator.pop_pair(pair_id))
+        if self.echo is not None:
+            self.echo(f"{self.prog}: pair {pair_id}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "pair"))
+
+
 def evaluate(
     registration: Any,
     pairs: Iterable[Mapping[str, Any]],
@@ -115,6 +160,7 @@ def evaluate(
     run_name: str | None = None,
     instance_optimisation_iters: int = 0,
     echo: Callable[[str], None] | None = print,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict:
     """Register and evaluate every pair; write the run into ``out_dir``; return the run's summary.
 
@@ -128,48 +174,36 @@ def evaluate(
         no_samples: posterior samples per pair for the DSC / ASD / HD95 table.
         no_samples_uncertainty: posterior samples per pair for the uncertainty map.
         max_pairs: evaluate only the first N pairs.
-        seed: seeds the evaluator's calibration voxel subsample (the samples use torch's global RNG).
+        seed: seeds each pair's samples (with the pair's name: :func:`~learnsim.evaluation.cohort.pair_seed`) and
+            the evaluator's calibration voxel subsample.
         run_name: the run's name in plots (default: the folder's name).
         instance_optimisation_iters: VoxelMorph only: refinement steps from the network's output.
         echo: where the per-pair lines go (None: nowhere).
+        resume: None: every pair is registered (learnsim's previous outputs in ``out_dir`` are replaced). The
+            settings the outputs depend on (a JSON-able mapping): pairs of ``out_dir`` complete under the same
+            settings are kept, not registered again (:mod:`learnsim.evaluation.cohort`); other settings are refused.
     """
     device = torch.device(device)
-    evaluator = Evaluator(out_dir, save_nifti=save_nifti, figures=figures, seed=seed, metric_samples=no_samples,
-                          run_name=run_name)
-    n_draw = max(int(no_samples), int(no_samples_uncertainty))
-    failed: list[dict[str, str]] = []
+    kwargs = {"save_nifti": save_nifti, "figures": figures, "seed": seed, "metric_samples": no_samples,
+              "run_name": run_name}
+    folder = CohortFolder(out_dir, resume if resume is not None else {"resume": False, **kwargs})
+    if resume is None:
+        folder.clear()
+    else:
+        folder.check_settings()
+    folder.write_manifest()
+    run = PairRun(registration, Evaluator(out_dir, **kwargs), folder, device,
+                  max(int(no_samples), int(no_samples_uncertainty)), seed, instance_optimisation_iters, echo)
+    ids: list[str] = []
+    skipped = 0
     for i, batch in enumerate(pairs):
         if max_pairs is not None and i >= max_pairs:
             break
-        pair_id = str(batch["pair_id"][0])
-        fixed, moving, mask = (batch[k].to(device) for k in ("fixed", "moving", "fixed_mask"))
-        try:
-            reg = register_pair(registration, fixed, moving, mask, n_draw, f"q_v {pair_id}", instance_optimisation_iters)
-        except (FitDiverged, UnregistrablePair) as exc:  # this pair only: reported, never averaged in
-            failed.append({"pair": pair_id, "reason": str(exc)})
-            if echo is not None:
-                echo(f"learnsim-test: pair {pair_id}: FAILED (not averaged in): {exc}")
+        ids.append(str(batch["pair_id"][0]))
+        if resume is not None and folder.complete(ids[-1]):
+            skipped += 1
             continue
-        has_seg = bool(batch["has_seg"][0])
-        row = evaluator.add_pair(
-            pair_id, fixed.cpu(), moving.cpu(),
-            batch["fixed_seg"] if has_seg else None, batch["moving_seg"] if has_seg else None,
-            batch["fixed_mask"], batch["affine"][0], reg.samples.cpu(), reg.mean_disp.cpu(), reg.seconds, reg.extra,
-        )
-        if echo is not None:
-            echo(f"learnsim-test: pair {pair_id}: " + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "pair"))
-    return _record_failures(evaluator, failed, echo)
-
-
-def _record_failures(evaluator: Evaluator, failed: list[dict[str, str]], echo: Callable[[str], None] | None) -> dict:
-    """Finalise the run and add the failed pairs (``failed_pairs``: pair and reason; ``n_failed``) to its summary
-    and ``summary.json``: the means cover only the pairs that registered."""
-    summary = evaluator.finalize()
-    summary["n_failed"] = len(failed)
-    summary["failed_pairs"] = failed
-    _write_json(evaluator.out_dir / "summary.json", summary)
-    if failed and echo is not None:
-        echo(f"learnsim-test: WARNING: {len(failed)} pair(s) failed and are not in the means: "
-             + ", ".join(f["pair"] for f in failed) + " (summary.json, failed_pairs)")
-    return summary
+        run(batch, f"q_v {ids[-1]}")
+    if skipped and echo is not None:
+        echo(f"learnsim-test: {skipped} of {len(ids)} pairs already complete in {out_dir}: skipped")
+    return folder.merge(ids, Evaluator(out_dir, **kwargs), echo)
