@@ -424,3 +424,31 @@ def test_learnsim_test_evaluates_an_original_release_file(cfg_test, tmp_path, ki
     summary = evaluate(cfg_test, tmp_path / "run")
     assert summary["n_pairs"] == 1 and summary["overall"]["dsc"]["n"] > 0
     assert any("original release" in note for note in summary["notes"])
+
+
+def test_learnsim_register_with_a_learnsim_voxelmorph_checkpoint(tmp_path, capsys):
+    """``--network`` also takes learnsim's own VoxelMorph checkpoints: its grid (RAS cube of its dims), its metric,
+    and its training run's intensity handling (histmatch here)."""
+    import lightning.pytorch as pl
+    import nibabel as nib
+    from torch.utils.data import DataLoader
+
+    from learnsim.cli.register import main
+    from learnsim.metric import build_metric
+    from learnsim.voxelmorph import VoxelMorphModule, VoxelMorphNet
+
+    module = VoxelMorphModule(VoxelMorphNet(ENC, DEC, no_steps=4, int_downsize=2), metric=build_metric("ssd"), dims=SHAPE)
+    module.run_config = {"data": {"intensity": "histmatch"}}
+    fixed_t, moving_t = _pair(seed=9)
+    batch = {"fixed": fixed_t[0], "moving": moving_t[0], "fixed_mask": torch.ones(1, *SHAPE)}
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=1))
+    trainer.save_checkpoint(tmp_path / "vxm.ckpt")
+    shape, affine = (30, 34, 26), np.diag([1.7, 1.7, 1.7, 1.0])
+    fixed, moving, seg = _phantom_pair(tmp_path, shape, affine)
+    out = tmp_path / "out"
+    assert main([fixed, moving, "--network", str(tmp_path / "vxm.ckpt"), "--out", str(out), "--no-figures"]) == 0
+    printed = capsys.readouterr().out
+    assert "learnsim VoxelMorph network" in printed and "histmatch" in printed
+    assert nib.load(out / "warped.nii.gz").shape == shape

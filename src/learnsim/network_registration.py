@@ -49,6 +49,8 @@ class LoadedNetwork:
             baseline its file name says, ``VXM_SSD_*`` or ``VXM_LCC_*``; LCC otherwise), for refinement.
         reg_loss: the regulariser of refinement (a learnsim checkpoint's; for an original file the paper's ``w_reg``
             for that energy, :data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
+        histmatch: match the moving image's histogram to the fixed image's first (a learnsim checkpoint trained on
+            ``data.intensity=histmatch``; never for the original networks, trained on min-max intensities).
         description: one line saying what was loaded.
     """
 
@@ -58,6 +60,7 @@ class LoadedNetwork:
     metric: SimilarityMetric
     description: str
     reg_loss: RegLossL2 = field(default_factory=RegLossL2)
+    histmatch: bool = False
 
 
 def _energy_from_name(path: Path) -> str:
@@ -72,7 +75,7 @@ def open_network(path: str | os.PathLike, map_location: str | torch.device = "cp
         FileNotFoundError: naming the file. ValueError: naming the file for anything else (a learnsim checkpoint of
             a learnt metric, an original metric file, a foreign file).
     """
-    from learnsim.checkpoint import ModuleKind, checkpoint_module, load_checkpoint
+    from learnsim.checkpoint import ModuleKind, checkpoint_module, checkpoint_settings, load_checkpoint
     from learnsim.original_release import ReleaseKind, load_release, read_release_file, release_kind
 
     path = Path(path)
@@ -96,7 +99,9 @@ def open_network(path: str | os.PathLike, map_location: str | torch.device = "cp
     net = module.net.eval()
     line = (f"{path}: learnsim VoxelMorph network (features {[net.enc_features, net.dec_features]}, grid "
             f"{list(module.dims)}, {net.integration} integration), metric {module.metric.spec['kind']}")
-    return LoadedNetwork(net, False, module.dims, module.metric.eval(), line, module.reg_loss)
+    histmatch = bool(checkpoint_settings(ckpt).get("histmatch", False))
+    return LoadedNetwork(net, False, module.dims, module.metric.eval(), line + (", histmatch" if histmatch else ""),
+                         module.reg_loss, histmatch)
 
 
 def release_module(path: str | os.PathLike, device: torch.device | str = "cpu", instance_lr: float = 0.01,
@@ -129,7 +134,7 @@ def field_to_grid(disp: Tensor, source: Grid, target: Grid) -> Tensor:
 
 def _network_inputs(loaded: LoadedNetwork, fixed_v: Any, moving_v: Any, mask_v: Any) -> tuple[Grid, Tensor, Tensor, Tensor | None]:
     """The pair on the network's grid, in its convention: ``(grid, fixed, moving, mask)`` tensors ``[1, 1, D, H, W]``."""
-    from learnsim.data.preprocess import canonical_grid, preprocess, target_grid
+    from learnsim.data.preprocess import canonical_grid, match_histogram, preprocess, target_grid
     from learnsim.original_convention import network_grid
 
     if loaded.original:
@@ -142,8 +147,9 @@ def _network_inputs(loaded: LoadedNetwork, fixed_v: Any, moving_v: Any, mask_v: 
         grid = target_grid(fixed_v.data.shape, fixed_v.affine, loaded.dims)
     pf = preprocess(fixed_v, grid, mask=mask_v, apply_mask=not loaded.original)
     pm = preprocess(moving_v, grid, apply_mask=False)
+    moving = match_histogram(pm.image, None, pf.image, pf.mask) if loaded.histmatch else pm.image
     mask = torch.from_numpy(pf.mask.astype(np.float32))[None, None] if pf.mask is not None else None
-    return grid, torch.from_numpy(pf.image)[None, None], torch.from_numpy(pm.image)[None, None], mask
+    return grid, torch.from_numpy(pf.image)[None, None], torch.from_numpy(moving)[None, None], mask
 
 
 def register_with_network(
