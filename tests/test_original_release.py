@@ -452,3 +452,18 @@ def test_learnsim_register_with_a_learnsim_voxelmorph_checkpoint(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "learnsim VoxelMorph network" in printed and "histmatch" in printed
     assert nib.load(out / "warped.nii.gz").shape == shape
+
+
+def test_learnsim_register_with_an_original_metric_file(tmp_path):
+    """``learnsim-register --metric <original CNN_LCC file>``: q_v with the released metric (its energy: LCC)."""
+    import json
+
+    from learnsim.cli.register import main
+
+    _save_metric_checkpoint(tmp_path / "checkpoint_50.pt", _metric_state(lcc=True))
+    fixed, moving, _ = _phantom_pair(tmp_path, (20, 22, 18), np.diag([2.0, 2.0, 2.0, 1.0]))
+    out = tmp_path / "out"
+    assert main([fixed, moving, "--metric", str(tmp_path / "checkpoint_50.pt"), "--out", str(out), "--no-figures",
+                 "levels=1", "no_iters=2", "no_samples=2", "dims=16"]) == 0
+    info = json.loads((out / "registration.json").read_text())
+    assert info["q_v_levels"] == [2] and info["q_v_level_lr"] == [0.02]  # the paper's LCC rate (SSD: 0.01)

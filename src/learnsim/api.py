@@ -264,8 +264,8 @@ def register(
             or NIfTI paths, preprocessed as training data are: the fixed image defines the grid (its own, or a
             padded cube of ``dims`` voxels), the moving image (and its segmentation) are resampled into it
             **through their affines** (same world space) and min-max scaled; ``notes`` says what was done.
-        metric: ``"lcc"`` (the default), ``"ssd"`` (baselines), a checkpoint path (``*.ckpt``: its learnt metric) or a
-            :class:`~learnsim.metric.SimilarityMetric`.
+        metric: ``"lcc"`` (the default), ``"ssd"`` (baselines), a checkpoint path (``*.ckpt``: its learnt metric; an
+            original release CNN_SSD / CNN_LCC file: :func:`load_metric`) or a :class:`~learnsim.metric.SimilarityMetric`.
         moving_seg: label map to warp (nearest). fixed_mask: energies are summed inside it (all voxels if None).
         affine: voxel -> mm of the tensors' grid (identity if None); ignored for paths. transformation: ``"svf"``
             or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
@@ -321,7 +321,7 @@ def _resolve_likelihood(metric: str | SimilarityMetric, data_weight: Any,
     data_weight = parse_data_weight(data_weight)
     if data_weight != "auto":
         return _resolve_metric(metric, data_weight), None
-    by_name = isinstance(metric, str) and not metric.endswith(".ckpt")
+    by_name = isinstance(metric, str) and not metric.endswith(".ckpt") and not os.path.isfile(metric)
     metric = _resolve_metric(metric, 1.0 if by_name else None)
     return metric, likelihood or LikelihoodLearning(PrecisionPrior(mean=float(metric.energy.weight)))
 
@@ -332,6 +332,8 @@ def _resolve_metric(metric: str | SimilarityMetric, data_weight: float | None) -
     set on a copy (the caller's metric is never changed)."""
     if isinstance(metric, str) and metric.endswith(".ckpt"):
         metric = load_learnt_metric(metric, "metric")  # refuses a VoxelMorph checkpoint and NaN weights
+    elif isinstance(metric, str) and os.path.isfile(metric):  # an original release CNN_SSD / CNN_LCC file
+        metric = load_metric(metric)
     if isinstance(metric, str):
         metric = build_metric(metric)
         if data_weight is None:

@@ -172,6 +172,10 @@ def _energy(metric: str) -> str:
     if str(metric).endswith(".ckpt"):
         spec = (load_checkpoint(metric).get("hyper_parameters") or {}).get("metric_spec") or {}
         return "lcc" if "lcc" in str(spec.get("kind", "")) else "ssd"
+    if Path(metric).is_file():  # an original release CNN_SSD / CNN_LCC file (learnsim.original_release)
+        from learnsim.api import load_metric
+
+        return load_metric(metric, verbose=False).energy_kind.value
     return "lcc" if "lcc" in str(metric).lower() else "ssd"  # build_metric reads the name in any case
 
 
