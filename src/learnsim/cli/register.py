@@ -7,6 +7,9 @@ displacement over the samples, mm) and ``registration.json``; figures (unless --
 moving segmentation's outlines on the fixed image before and after registration, beside the atlas' own outlines
 from --fixed-seg). Everything is written to a staging folder that is renamed to ``--out`` only when complete: a
 failed run leaves nothing behind.
+
+A whole cohort: ``learnsim-register --pairs PAIRS.csv --out DIR [--devices N] [--fresh]`` (sharded over processes,
+resumable; ``learnsim-register --pairs x --help`` and docs/cohort.md).
 """
 
 from __future__ import annotations
@@ -180,6 +183,11 @@ def _energy(metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--pairs" or a.startswith("--pairs=") for a in given):  # a cohort: learnsim.cli.register_cohort
+        from learnsim.cli.register_cohort import main as cohort_main
+
+        return cohort_main(given)
     try:
         with sigterm_as_interrupt():
             return _main(argv)

@@ -86,10 +86,9 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _first_difference(then: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     a, b = _flat(json.loads(_canonical(then))), _flat(json.loads(_canonical(now)))
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            return f"{key} is {a.get(key, '<unset>')!r} there, {b.get(key, '<unset>')!r} here"
-    return "the settings differ"
+    diffs = [f"{key} is {a.get(key, '<unset>')!r} there, {b.get(key, '<unset>')!r} here"
+             for key in sorted(set(a) | set(b)) if a.get(key, "<unset>") != b.get(key, "<unset>")]
+    return "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "") or "the settings differ"
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -117,6 +116,8 @@ class CohortFolder:
         self.settings = dict(settings)
         self.digest = settings_digest(self.settings)
         self.prog = prog
+        #: how the command starts over (named in messages)
+        self.fresh_hint = "fresh=true" if prog == "learnsim-test" else "--fresh"
 
     def pair_dir(self, pair_id: str) -> Path:
         return self.out_dir / "pairs" / pair_id
@@ -130,10 +131,11 @@ class CohortFolder:
         try:
             then = json.loads(path.read_text(encoding="utf-8"))["settings"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{self.prog}: {path}: unreadable ({exc}); re-run with fresh to start over") from None
+            raise ValueError(f"{self.prog}: {path}: unreadable ({exc}); re-run with {self.fresh_hint} to start over") from None
         if settings_digest(then) != self.digest:
             raise ValueError(f"{self.prog}: {path}: this run folder was made with other settings "
-                             f"({_first_difference(then, self.settings)}); re-run with fresh to start over in it, or "
+                             f"({_first_difference(then, self.settings)}); re-run with {self.fresh_hint} to start over "
+                             "in it, or "
                              "choose another run folder")
 
     def write_manifest(self) -> None:

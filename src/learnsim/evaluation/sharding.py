@@ -145,7 +145,7 @@ def run_rank(job: CohortJob, ranks: Ranks) -> dict[str, Any] | None:
     total, echo0 = len(job.pair_ids), job.echo if ranks.rank == 0 else None
     if echo0 is not None and len(todo) < total:
         echo0(f"{job.prog}: {total - len(todo)} of {total} pairs already complete in {job.out_dir}: skipped "
-              "(fresh=true / --fresh starts over)")
+              f"({folder.fresh_hint} starts over)")
     mine = todo[ranks.rank::ranks.world]
     progress = CohortProgress(folder, [job.pair_ids[i] for i in todo], total, ranks.world, echo0)
     if mine:
