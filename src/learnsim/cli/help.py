@@ -158,6 +158,16 @@ def version_line(prog: str) -> str:
     return f"{prog} {__version__}"
 
 
+def with_version(argv: list[str]) -> list[str]:
+    """``argv`` with ``+learnsim_version=<version>`` added (once: a DDP process started with the parent's command
+    line, or a user who set it, keeps what is there), so that the run's config records the package version."""
+    from learnsim import __version__
+
+    if any(a.lstrip("+~").startswith("learnsim_version=") for a in argv):
+        return argv
+    return [*argv, f"+learnsim_version='{__version__}'"]  # quoted: a version like 1.0 stays a string
+
+
 def cli_entry(hydra_main: Callable[[], None], help_text: Callable[[], str]) -> Callable[[], None]:
     """A Hydra CLI's console-script entry point: ``--help`` prints learnsim's page (experiments, groups, keys),
     anything else goes to Hydra."""
@@ -172,8 +182,9 @@ def cli_entry(hydra_main: Callable[[], None], help_text: Callable[[], str]) -> C
         from learnsim.cli.run_dir import with_run_dir_callback
         from learnsim.interrupt import interrupt_status, sigterm_as_interrupt
 
-        # a run folder of its own, also for runs started in the same second (learnsim.cli.run_dir)
-        sys.argv = [sys.argv[0], *with_run_dir_callback(sys.argv[1:])]
+        # a run folder of its own, also for runs started in the same second (learnsim.cli.run_dir); the
+        # package version in the run's config (.hydra/config.yaml: learnsim_version)
+        sys.argv = [sys.argv[0], *with_version(with_run_dir_callback(sys.argv[1:]))]
         try:
             with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (learnsim.interrupt)
                 hydra_main()

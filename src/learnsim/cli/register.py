@@ -365,7 +365,8 @@ def _summary_and_figures(stage: Path, args: argparse.Namespace, res, kwargs: dic
                          start: float) -> tuple[str, dict]:
     """The summary line and the contents of ``registration.json``; the figures written to ``stage``."""
     info = {
-        "learnsim_version": __version__, "fixed": str(args.fixed), "moving": str(args.moving), "seg": args.seg, "metric": str(args.metric),
+        "learnsim_version": __version__,
+        "fixed": str(args.fixed), "moving": str(args.moving), "seg": args.seg, "metric": str(args.metric),
         "overrides": {k: v for k, v in kwargs.items()}, "notes": res.notes,
         "final_loss": float(res.fit.loss.mean()), "fit_seconds": res.fit.seconds,
         "total_seconds": time.perf_counter() - start, "no_samples": int(res.samples.shape[0]),
