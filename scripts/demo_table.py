@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Print the README's demo table: kept for old command lines; the installed command is
+"""Print the demo's results table (docs/results.md): kept for old command lines; the installed command is
 ``learnsim-compare --table [--per-pair] RUN ...`` (see learnsim.cli.compare)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# VoxelMorph on the demo cohort (after scripts/demo.sh), on CPU at 64^3 (README, "VoxelMorph on the CPU demo"):
+# VoxelMorph on the demo cohort (after scripts/demo.sh), on CPU at 64^3 (docs/voxelmorph.md):
 #   1. train four networks, one after the other, each on training pairs generated on the fly (a fresh seeded
 #      pseudo-subject per step: learnsim.data.synthetic_pairs), validation DSC every epoch, the best checkpoint
 #      kept (checkpoints/best.ckpt), 14 minutes each: baseline SSD, baseline LCC (9^3 window), the frozen learnt SSD
@@ -7,7 +7,7 @@
 #      vxm_demo_learnt_ssd / vxm_demo_learnt_lcc);
 #   2. evaluate each best checkpoint on the 16 test pairs: the network alone, and the network followed by
 #      VXM_REFINE_ITERS Adam steps of instance optimisation on its own energy (lr VXM_REFINE_LR; chosen on the
-#      validation pairs, README);
+#      validation pairs, docs/voxelmorph.md);
 #   3. fit q_v with the SSD and LCC baselines on the same test pairs and the same 64^3 grid (the instance-optimisation
 #      reference; scripts/demo.sh's own q_v runs are at 48^3), the two side by side, one thread each;
 #   4. print one table (learnsim-compare --table --per-pair) and test each learnt-metric network against its

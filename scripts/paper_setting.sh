@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's own setting on the demo (README, "Is the learnt metric's gain a scale effect?"): the original
+# The paper's own setting on the demo (docs/results.md, "Is the learnt metric's gain a scale effect?"): the original
 # objective (metric.normalise=false, q_f.objective=original) with the metric initialised to SSD / LCC at the paper's
 # precision 1, trained until the energy ratio passes 10, 100 and 1000 (callbacks=energy_ratio keeps rho<t>.ckpt the
 # first time it does), then each checkpoint and its matched baseline (precision 1 x rho on the test fits) evaluated

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The likelihood precision swept on the demo's test pairs (README, "Is the learnt metric's gain a scale effect?"):
+# The likelihood precision swept on the demo's test pairs (docs/results.md, "Is the learnt metric's gain a scale effect?"):
 # SSD at 1, 10, 100, 1000, 3000, 10000 and LCC at 1, 3, 10, 30, 100 with the demo's q_v schedule, plus each
 # baseline with its precision learnt per pair (likelihood=auto, from precision 1). Then one figure: mean DSC,
 # folding and SDlogJ against precision, with any learnt metric placed at its effective precision (its weight x

@@ -5,7 +5,7 @@
 
 A setting is ``NAME:key=value,...`` with the keyword arguments of :func:`learnsim.register` (lists with ``/``:
 ``level_iters=200/100/50``); ``default`` is no keywords at all. Used to choose the defaults of learnsim-register
-(README, "Defaults of learnsim-register").
+(docs/usage.md, "Defaults of learnsim-register").
 """
 
 from __future__ import annotations

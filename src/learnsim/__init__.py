@@ -17,7 +17,7 @@ from typing import Any
 # PyTorch (its bundled libgomp) and learnsim's numba kernels (the system libgomp) each keep an OpenMP thread pool,
 # and an idle pool spins (~300k iterations by default) after every parallel region, on the cores the other pool
 # is about to use. The q_v loop alternates between the two dozens of times per iteration: on a 2-core machine
-# that spinning cost up to 2-4x (README, "Speed"). Each runtime reads this once, when it loads, so it applies in
+# that spinning cost up to 2-4x (docs/speed.md). Each runtime reads this once, when it loads, so it applies in
 # full when learnsim is imported before torch (the console scripts are); a value set by the user wins.
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 

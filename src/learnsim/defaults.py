@@ -7,7 +7,7 @@ regulariser weight ``w_reg``, Adam's learning rate and the number of Adam steps.
 ``learnsim/conf/experiment/ssd.yaml`` / ``lcc.yaml`` state the same numbers (a test checks they agree).
 
 :data:`REGISTER` holds what :func:`learnsim.register` runs when the caller says nothing: a coarse-to-fine
-schedule and a likelihood precision chosen by measurement on the demo test pairs (README, "Defaults of
+schedule and a likelihood precision chosen by measurement on the demo test pairs (docs/usage.md, "Defaults of
 learnsim-register"; docs/method.md, "Schedules" and "Energy scales").
 """
 
@@ -63,12 +63,12 @@ REGISTER: dict[EnergyKind, RegisterSettings] = {
 }
 
 #: the metric :func:`learnsim.register` / ``learnsim-register`` use when the caller names none: LCC registered the
-#: demo test pairs at 128^3 best of the baselines (README, "Defaults of learnsim-register")
+#: demo test pairs at 128^3 best of the baselines (docs/usage.md, "Defaults of learnsim-register")
 REGISTER_METRIC = "lcc"
 
 #: integration :func:`learnsim.register` uses by default: the image grid with the fewest squarings keeping the first
 #: step under half a voxel (measured equal to 12 squarings); ``int_downsize=2`` (fast mode) halves the time but cost
-#: ~1 DSC point at 128^3 and halves the uncertainty maps (README, "Defaults of learnsim-register")
+#: ~1 DSC point at 128^3 and halves the uncertainty maps (docs/usage.md, "Defaults of learnsim-register")
 REGISTER_NO_STEPS: int | str = "auto"
 REGISTER_INT_DOWNSIZE = 1
 

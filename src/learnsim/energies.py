@@ -143,7 +143,7 @@ class SSD(nn.Module):
     Args:
         weight: multiplies the energy: the precision ``1 / sigma_n^2`` of the Gaussian likelihood the energy is the
             negative log of (1, the original's, means a noise std of 1 on [0, 1] images: a weak likelihood next to
-            ``w_reg`` and the entropy; see the README, "Energy scales").
+            ``w_reg`` and the entropy; see the docs/results.md, "Energy scales").
     """
 
     kind = EnergyKind.SSD

@@ -1,6 +1,6 @@
 """Fast-mode integration of a stationary velocity field: fewer squarings and/or a coarser integration grid.
 
-Both options change the numerics a little (the README's benchmark section reports what they do to DSC); the
+Both options change the numerics a little (docs/speed.md reports what they do to DSC); the
 exact path (12 squarings on the image grid, the paper's) stays the default.
 
 * **Adaptive squarings** (``no_steps="auto"``): the fewest squarings ``T <= max_steps`` with

@@ -8,7 +8,7 @@ Default: print a table of mean DSC / ASD / HD95 / folding / SDlogJ / calibration
 against each other run; paired on pair x structure with the samples of a pair averaged unless --pairing sample,
 see learnsim.evaluation.compare), boxplots.png and calibration.png.
 
---table: print the README's markdown results table instead (a "before registration (affine only)" row from the
+--table: print the markdown results table (as in docs/results.md) instead (a "before registration (affine only)" row from the
 first run's metrics_before.csv, then one row per run); --per-pair adds the mean DSC per pair and run. Writes no
 files; one run is enough.
 """
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairing", choices=("pair", "sample"), default="pair", help="Wilcoxon pairing unit (default: pair)"
     )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNGs")
-    parser.add_argument("--table", action="store_true", help="print the README's markdown results table only")
+    parser.add_argument("--table", action="store_true", help="print the markdown results table only (as in docs/results.md)")
     parser.add_argument("--per-pair", action="store_true", help="with --table: also the mean DSC per pair and run")
     return parser
 

@@ -308,7 +308,7 @@ def compare_runs(
     return {"runs": runs, "summary": table, "wilcoxon": tests, "files": files}
 
 
-# ---------------------------------------------------------------------------------------------- the README's tables
+# ---------------------------------------------------------------------------------------------- the results tables (docs/results.md)
 def _run_label(path: Path) -> str:
     return path.name.removeprefix("test_")
 
@@ -334,7 +334,7 @@ def _result_row(name: str, m: pd.DataFrame, mean: pd.DataFrame | None, pp: pd.Da
 
 
 def results_rows(paths: Sequence[str | os.PathLike]) -> list[dict[str, str]]:
-    """The README's results table, one dict of formatted cells per row: first "before registration (affine
+    """The results table (docs/results.md), one dict of formatted cells per row: first "before registration (affine
     only)" from the first run's ``metrics_before.csv`` (when present), then one row per run folder (name without
     a ``test_`` prefix): mean DSC over pairs x samples x structures ± the std of the per-pair means, the
     posterior-mean DSC, ASD and HD95 (mm), total folding voxels, SDlogJ, uncertainty (mm) and seconds per pair."""
