@@ -40,7 +40,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 from torch import Tensor
 
@@ -150,6 +149,10 @@ def structure_metrics(
         raise ValueError(f"{fn}: spacing must have 3 entries (D, H, W); got {list(spacing)}")
     sp = [float(s) for s in spacing]
     label_list = [int(label) for label in labels]
+    # MONAI is imported here, not with the module: learnsim-register's summary needs only mean_dice and
+    # jacobian_stats, and importing MONAI costs ~2 s of a 30 s registration
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
     pred_np = pred.detach().cpu().numpy()
     ref_np = ref.detach().cpu().numpy()
     out: dict[int, dict[str, float]] = {}
