@@ -73,7 +73,18 @@ def _worker(rank: int, world: int, init_file: str, out: str, log: str, kill_afte
 
 
 def _run(tmp: Path, out: Path, world: int, kill_after: int | None = None) -> list[str]:
-    """Run the cohort job on ``world`` gloo processes; returns the pairs registered (all ranks)."""
+    """Run the cohort job on ``world`` gloo processes (1: in this process, on one thread); returns the pairs
+    registered (all ranks)."""
+    if world == 1:
+        threads, echo = torch.get_num_threads(), _Echo(kill_after)
+        torch.set_num_threads(1)
+        try:
+            run_rank(_job(out, echo), Ranks())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            torch.set_num_threads(threads)
+        return sorted(echo.registered())
     log = tmp / f"log-{out.name}-{len(list(tmp.glob('log-*')))}"
     mp.spawn(_worker, args=(world, str(tmp / f"pg-{log.name}"), str(out), str(log), kill_after), nprocs=world)
     return sorted(p for r in range(world) for p in json.loads(Path(f"{log}.rank{r}").read_text()))
@@ -143,7 +154,7 @@ def test_killed_run_resumes_to_the_uninterrupted_files(reference: Path, tmp_path
     (half / "warped.nii.gz").write_bytes(b"half")
     assert _run(tmp_path, out, 2) == ["pair2", "pair3", "pair4"]
     _assert_same_files(reference, out)
-    assert _run(tmp_path, out, 2) == []
+    assert _run(tmp_path, out, 1) == []
     _assert_same_files(reference, out)
 
 
@@ -158,7 +169,7 @@ def test_corrupt_pair_output_is_redone(reference: Path, tmp_path: Path) -> None:
     (out / "pairs" / "pair3" / "uncertainty_mm.nii.gz").unlink()
     folder = CohortFolder(out, SETTINGS)
     assert [folder.complete(f"pair{i}") for i in range(N_PAIRS)] == [True, False, True, False, True]
-    assert _run(tmp_path, out, 2) == ["pair1", "pair3"]
+    assert _run(tmp_path, out, 1) == ["pair1", "pair3"]
     _assert_same_files(reference, out)
 
 
@@ -174,3 +185,44 @@ def test_other_settings_are_refused_and_fresh_keeps_foreign_files(reference: Pat
     assert removed > 10 and not (out / "per_pair.csv").exists() and not (out / "pairs" / "pair1").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "pairs" / "pair0" / "my_seg.nii.gz").is_file()
     assert not (out / "pairs" / "pair0" / RECORD).exists()
+
+
+def test_learnsim_test_resumes_in_its_run_folder(cfg_test, tmp_path: Path, capsys) -> None:
+    """The same learnsim-test config into the same run folder: the pair is skipped, the files stay."""
+    from learnsim.cli.test import evaluate
+
+    out = tmp_path / "run"
+    first = evaluate(cfg_test, out)
+    table = (out / "per_pair.csv").read_bytes()
+    assert "learnsim-test: pair s4:" in capsys.readouterr().out
+    again = evaluate(cfg_test, out)
+    text = capsys.readouterr().out
+    assert "1 of 1 pairs already complete" in text and "learnsim-test: pair s4:" not in text
+    assert (out / "per_pair.csv").read_bytes() == table and again["overall"] == first["overall"]
+
+
+def test_learnsim_register_pairs_registers_a_cohort_and_resumes(phantom_cohort: Path, tmp_path: Path,
+                                                                capsys) -> None:
+    from learnsim.cli.register import main
+
+    out = tmp_path / "reg"
+    argv = ["--pairs", str(phantom_cohort / "train.csv"), "--out", str(out), "--metric", "ssd", "--no-figures",
+            "dims=16", "no_iters=3", "no_samples=2"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "learnsim-register: 2 pairs registered" in text and text.count("learnsim-register: pair ") == 2
+    per_pair = pd.read_csv(out / "per_pair.csv")
+    assert per_pair["pair"].tolist() == ["s1", "s2"] and (out / "pairs" / "s2" / "warped.nii.gz").is_file()
+    (out / "pairs" / "s1" / "warped.nii.gz").write_bytes(b"damaged")
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "1 of 2 pairs already complete" in text and text.count("learnsim-register: pair ") == 1
+    assert main(argv + ["--fresh"]) == 0
+    assert capsys.readouterr().out.count("learnsim-register: pair ") == 2
+    assert main(argv[:-1] + ["no_samples=3"]) == 1  # other settings: one line, nothing changed
+    assert "cohort.json: this run folder was made with other settings" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("x")
+    assert main(["--pairs", str(phantom_cohort / "train.csv"), "--out", str(foreign)]) == 1
+    assert "is not a cohort run folder" in capsys.readouterr().err and (foreign / "mine.txt").is_file()

@@ -148,6 +148,8 @@ class CohortFolder:
         ``pairs/*/``, and their temporary files), and the folders they leave empty; anything else stays.
         Returns the number of files removed."""
         removed = 0
+        if not self.out_dir.is_dir():
+            return 0
         folders = [self.out_dir] + (sorted(p for p in (self.out_dir / "pairs").iterdir() if p.is_dir()
                                            and not p.is_symlink()) if (self.out_dir / "pairs").is_dir() else [])
         for folder in folders:
