@@ -80,8 +80,10 @@ def register_schedule(
             level_iters = [finest * 2 ** (levels - 1 - i) for i in range(levels)]
     if level_lr is None:
         base = lr if lr is not None else (paper["lr"] if levels == 1 else None)
+        # another number of levels: the default's finest rates at the finest levels, its coarsest rate above them
+        rates = [float(x) for x in d["level_lr"]]
         level_lr = [float(base)] * levels if base is not None else (
-            list(d["level_lr"]) if levels == d["levels"] else [float(d["level_lr"][-1])] * levels)
+            [rates[0]] * max(levels - len(rates), 0) + rates)[-levels:]
     return LevelSchedule.make(levels, level_iters[-1] if level_iters else 1, 1.0, level_iters, [float(x) for x in level_lr])
 
 
@@ -271,7 +273,7 @@ def register(
             or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
         no_steps, int_downsize: squarings (or ``"auto"``) and integration grid factor (:mod:`~learnsim.fast_integration`).
         levels, level_iters, level_lr, no_iters, lr: the q_v schedule (lists coarsest level first), resolved by
-            :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels, 200/100/50
+            :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels; LCC 200/50/15, SSD 200/100/50
             steps); ``no_iters`` alone is one level of that many steps (the paper's: 1024 SSD / 1344 LCC); ``lr``
             sets every level's learning rate.
         w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).
