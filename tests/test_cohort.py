@@ -1,6 +1,6 @@
 """Cohort runs (issue 28): pairs sharded over gloo processes, resumable, one merged result identical to one process.
 
-The phantom cohort has 5 pairs (odd: shards of 3 and 2); every run registers them with 3 q_v iterations on a
+The phantom cohort has 3 pairs (odd: shards of 2 and 1); every run registers them with 3 q_v iterations on a
 10x12x12 grid. Each process runs one thread, so 1 and 2 processes compute bit-identical numbers. The files of two
 runs are compared byte for byte, except the wall-clock columns (``seconds``, ``fit_seconds``, ``eval_seconds``).
 """
@@ -21,7 +21,7 @@ from conftest import PhantomPairs
 from learnsim.evaluation.cohort import MANIFEST, RECORD, CohortFolder, pair_seed, shard
 from learnsim.evaluation.sharding import CohortJob, Ranks, fabric_settings, run_rank
 
-N_PAIRS = 5
+N_PAIRS = 3
 DIMS = (10, 12, 12)
 TIMING = ("seconds", "fit_seconds", "eval_seconds")
 SETTINGS = {"test": "cohort", "q_v.no_iters": 3}
@@ -109,7 +109,7 @@ def _assert_same_files(a: Path, b: Path) -> None:
     files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
     assert files_a == files_b
-    assert "pairs/pair4/warped.nii.gz" in files_a and "boxplots.png" in files_a and "calibration_bins.csv" in files_a
+    assert "pairs/pair2/warped.nii.gz" in files_a and "boxplots.png" in files_a and "calibration_bins.csv" in files_a
     for rel in files_a:
         assert _comparable(a / rel) == _comparable(b / rel), rel
 
@@ -137,22 +137,22 @@ def test_shards_and_seeds_do_not_depend_on_the_ranks() -> None:
 
 
 def test_two_processes_write_the_one_process_files(reference: Path, tmp_path: Path) -> None:
-    """5 pairs on 2 gloo ranks (3 + 2): every pair registered once, files identical to one process's."""
+    """3 pairs on 2 gloo ranks (2 + 1): every pair registered once, files identical to one process's."""
     assert _run(tmp_path, tmp_path / "two", 2) == [f"pair{i}" for i in range(N_PAIRS)]
     _assert_same_files(reference, tmp_path / "two")
     assert pd.read_csv(tmp_path / "two" / "per_pair.csv")["pair"].tolist() == [f"pair{i}" for i in range(N_PAIRS)]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_files(reference: Path, tmp_path: Path) -> None:
-    """Killed after 2 pairs, with a third half-written (files, no record): the re-run on 2 processes registers
-    only the 3 missing pairs and ends with the uninterrupted run's files; a third run registers nothing."""
+    """Killed after 1 pair, with a second half-written (a file, no record): the re-run on 2 processes registers
+    only the 2 missing pairs (one each) and ends with the uninterrupted run's files; a third run registers nothing."""
     out = tmp_path / "resumed"
-    assert _run(tmp_path, out, 1, kill_after=2) == ["pair0", "pair1"]
+    assert _run(tmp_path, out, 1, kill_after=1) == ["pair0"]
     assert not (out / "per_pair.csv").exists()
-    half = out / "pairs" / "pair2"
+    half = out / "pairs" / "pair1"
     half.mkdir(parents=True)
     (half / "warped.nii.gz").write_bytes(b"half")
-    assert _run(tmp_path, out, 2) == ["pair2", "pair3", "pair4"]
+    assert _run(tmp_path, out, 2) == ["pair1", "pair2"]
     _assert_same_files(reference, out)
     assert _run(tmp_path, out, 1) == []
     _assert_same_files(reference, out)
@@ -166,10 +166,10 @@ def test_corrupt_pair_output_is_redone(reference: Path, tmp_path: Path) -> None:
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    (out / "pairs" / "pair3" / "uncertainty_mm.nii.gz").unlink()
+    (out / "pairs" / "pair2" / "uncertainty_mm.nii.gz").unlink()
     folder = CohortFolder(out, SETTINGS)
-    assert [folder.complete(f"pair{i}") for i in range(N_PAIRS)] == [True, False, True, False, True]
-    assert _run(tmp_path, out, 1) == ["pair1", "pair3"]
+    assert [folder.complete(f"pair{i}") for i in range(N_PAIRS)] == [True, False, False]
+    assert _run(tmp_path, out, 1) == ["pair1", "pair2"]
     _assert_same_files(reference, out)
 
 
