@@ -8,7 +8,9 @@ runs are compared byte for byte, except the wall-clock columns (``seconds``, ``f
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import PhantomPairs
 
 from learnsim.evaluation.cohort import MANIFEST, RECORD, CohortFolder, pair_seed, shard
-from learnsim.evaluation.sharding import CohortJob, Ranks, fabric_settings, run_rank
+from learnsim.evaluation.sharding import CohortJob, Ranks, fabric_settings, launch, run_rank
 
 N_PAIRS = 3
 DIMS = (10, 12, 12)
@@ -48,6 +50,23 @@ class _Echo:
 
     def registered(self) -> list[str]:
         return [ln.split()[2].rstrip(":") for ln in self.lines if ln.startswith("learnsim-test: pair ")]
+
+
+class _FileEcho(_Echo):
+    """An echo that survives the process: each process appends its lines to ``<path>.<pid>`` (picklable)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        with open(f"{self.path}.{os.getpid()}", "a") as f:
+            f.write(line + "\n")
+
+    def collected(self) -> list[str]:
+        self.lines = [ln for p in Path(self.path).parent.glob(Path(self.path).name + ".*")
+                      for ln in p.read_text().splitlines()]
+        return sorted(self.registered())
 
 
 def _job(out: Path, echo, fresh: bool = False, settings: dict | None = None) -> CohortJob:
@@ -143,7 +162,7 @@ def test_two_processes_write_the_one_process_files(reference: Path, tmp_path: Pa
     assert pd.read_csv(tmp_path / "two" / "per_pair.csv")["pair"].tolist() == [f"pair{i}" for i in range(N_PAIRS)]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_files(reference: Path, tmp_path: Path) -> None:
+def test_killed_run_resumes_to_the_uninterrupted_files(reference: Path, tmp_path: Path, monkeypatch) -> None:
     """Killed after 1 pair, with a second half-written (a file, no record): the re-run on 2 processes registers
     only the 2 missing pairs (one each) and ends with the uninterrupted run's files; a third run registers nothing."""
     out = tmp_path / "resumed"
@@ -152,7 +171,12 @@ def test_killed_run_resumes_to_the_uninterrupted_files(reference: Path, tmp_path
     half = out / "pairs" / "pair1"
     half.mkdir(parents=True)
     (half / "warped.nii.gz").write_bytes(b"half")
-    assert _run(tmp_path, out, 2) == ["pair1", "pair2"]
+    # the re-run through Lightning Fabric's launcher (as learnsim-test trainer=ddp_sim; spawn, not a new command)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per process, as the reference
+    echo = _FileEcho(str(tmp_path / "fabric-echo"))
+    ddp = {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "process_group_backend": "gloo", "start_method": "spawn"}
+    summary = launch(ddp, partial(run_rank, _job(out, echo)), torch.device("cpu"))
+    assert summary["n_pairs"] == N_PAIRS and echo.collected() == ["pair1", "pair2"]
     _assert_same_files(reference, out)
     assert _run(tmp_path, out, 1) == []
     _assert_same_files(reference, out)

@@ -210,4 +210,9 @@ def launch(fabric: Mapping[str, Any] | None, fn: Callable[[Ranks], T], device: t
     strategy = DDPStrategy(process_group_backend=fabric["process_group_backend"], start_method=fabric["start_method"])
     runner = Fabric(accelerator=fabric["accelerator"], devices=fabric["devices"], num_nodes=fabric["num_nodes"],
                     strategy=strategy)
-    return runner.launch(lambda f: fn(Ranks(f.global_rank, f.world_size, f.device)))
+    return runner.launch(_on_rank, fn)
+
+
+def _on_rank(fabric: Any, fn: Callable[[Ranks], T]) -> T:
+    """``fn`` on one of Fabric's ranks (module level: picklable for ``start_method="spawn"``)."""
+    return fn(Ranks(fabric.global_rank, fabric.world_size, fabric.device))
