@@ -120,6 +120,7 @@ class CohortFolder:
         self.fresh_hint = "fresh=true" if prog == "learnsim-test" else "--fresh"
 
     def pair_dir(self, pair_id: str) -> Path:
+        """``<out_dir>/pairs/<pair_id>``: the pair's files and its record."""
         return self.out_dir / "pairs" / pair_id
 
     # ------------------------------------------------------------------------------------------ settings, fresh

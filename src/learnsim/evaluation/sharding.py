@@ -44,9 +44,11 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
+        """Whether there are other ranks to wait for (a process group of more than one process)."""
         return self.world > 1 and dist.is_available() and dist.is_initialized()
 
     def barrier(self) -> None:
+        """Wait for every rank (no-op for one process)."""
         if self.distributed:
             dist.barrier()
 
