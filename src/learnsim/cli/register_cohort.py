@@ -114,6 +114,10 @@ def _run(argv: list[str]) -> int:
     device = resolve_device(kwargs.get("device", "auto"))
     out, metric = Path(args.out), args.metric or REGISTER_METRIC
     _check_out(out)
+    if metric.endswith(".ckpt"):  # the checkpoint's intensity handling and squarings, unless given (as for one pair)
+        from learnsim.cli.register import _checkpoint_defaults
+
+        _checkpoint_defaults(metric, kwargs)
     fabric = fabric_settings({"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes})
     dataset = _dataset(args, kwargs)
     fit = {k: v for k, v in kwargs.items() if k not in _NOT_FIT}
@@ -121,6 +125,10 @@ def _run(argv: list[str]) -> int:
     n_samples = int(kwargs.get("no_samples", 5))
     settings = {"pairs": str(Path(args.pairs).resolve()), "metric": str(metric), "overrides": kwargs,
                 "figures": not args.no_figures, "dims": list(dataset.dims)}
+    if metric.endswith(".ckpt"):  # a retrained file under the same name is another run
+        from learnsim.io import sha256_file
+
+        settings["metric_sha256"] = sha256_file(metric)
     job = CohortJob(out, dataset, list(dataset.pair_ids), settings, partial(build_registration, metric, **fit),
                     {"save_nifti": True, "figures": not args.no_figures, "seed": int(kwargs.get("seed", 0)),
                      "metric_samples": n_samples, "run_name": out.name},
