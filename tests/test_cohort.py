@@ -209,6 +209,9 @@ def test_other_settings_are_refused_and_fresh_keeps_foreign_files(reference: Pat
     assert removed > 10 and not (out / "per_pair.csv").exists() and not (out / "pairs" / "pair1").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "pairs" / "pair0" / "my_seg.nii.gz").is_file()
     assert not (out / "pairs" / "pair0" / RECORD).exists()
+    assert CohortFolder(out, other).clear() == 0  # no cohort.json now: not a run folder, nothing removed
+    (out / "summary.json").write_text("the user's")
+    assert CohortFolder(out, other).clear() == 0 and (out / "summary.json").read_text() == "the user's"
 
 
 def test_learnsim_test_resumes_in_its_run_folder(cfg_test, tmp_path: Path, capsys) -> None:

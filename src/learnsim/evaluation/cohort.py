@@ -44,9 +44,10 @@ RECORD = "pair.json"
 MANIFEST = "cohort.json"
 #: the per-pair calibration subsample ([3, K] float64)
 CALIBRATION = "calibration_sample.npy"
-#: files of the run folder that learnsim writes (``fresh`` removes these and nothing else at the top level)
+#: files of the run folder that the merge writes (``fresh`` removes these and nothing else at the top level;
+#: learnsim-test's ``config.json`` is rewritten by every run, never removed)
 RUN_FILES = ("metrics.csv", "metrics_mean.csv", "metrics_before.csv", "per_pair.csv", "calibration_bins.csv",
-             "summary.json", "boxplots.png", "calibration.png", "config.json", MANIFEST)
+             "summary.json", "boxplots.png", "calibration.png", MANIFEST)
 #: files of ``pairs/<pair_id>/`` that learnsim writes
 PAIR_FILES = ("warped.nii.gz", "warped_seg.nii.gz", "disp_mm.nii.gz", "uncertainty_mm.nii.gz", "output_grid.png",
               "label_overlay.png", "summary.json", CALIBRATION, RECORD)
@@ -146,10 +147,11 @@ class CohortFolder:
 
     def clear(self) -> int:
         """``fresh``: remove learnsim's files of this run folder (:data:`RUN_FILES`, :data:`PAIR_FILES` under
-        ``pairs/*/``, and their temporary files), and the folders they leave empty; anything else stays.
+        ``pairs/*/``, and their temporary files), and the folders they leave empty; anything else stays. Only a
+        folder marked by :data:`MANIFEST` (a cohort run's) is touched: elsewhere the names may be the user's.
         Returns the number of files removed."""
         removed = 0
-        if not self.out_dir.is_dir():
+        if not (self.out_dir / MANIFEST).is_file():
             return 0
         folders = [self.out_dir] + (sorted(p for p in (self.out_dir / "pairs").iterdir() if p.is_dir()
                                            and not p.is_symlink()) if (self.out_dir / "pairs").is_dir() else [])
