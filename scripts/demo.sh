@@ -30,7 +30,7 @@ t1=$(date +%s)
 evaluate() {  # evaluate NAME EXPERIMENT ARGS...: learnsim-test on the test pairs into $OUT/test_NAME
   local name=$1 exp=$2
   shift 2
-  learnsim-test +experiment="$exp" "$@" name="$name" paths.data_dir="$DATA" save_nifti=false \
+  learnsim-test +experiment="$exp" "$@" name="$name" paths.data_dir="$DATA" save_nifti=false fresh=true \
     hydra.run.dir="$OUT/test_$name"
 }
 

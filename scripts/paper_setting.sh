@@ -15,9 +15,9 @@ evaluate() {  # evaluate EXP BASE NAME CKPT: the checkpoint, then its matched ba
   local exp=$1 base=$2 name=$3 ckpt=$4
   [ -f "$ckpt" ] || { echo "$ckpt was not reached (no checkpoint): skipped"; return 0; }
   learnsim-test +experiment="$exp" ckpt="$ckpt" name="$name" paths.data_dir="$DATA" save_nifti=false \
-    figures=false logger=none hydra.run.dir="$OUT/test_$name"
+    figures=false logger=none fresh=true hydra.run.dir="$OUT/test_$name"
   learnsim-test +experiment="$exp" metric="$base" matched_to="$OUT/test_$name" name="${name}_matched" \
-    paths.data_dir="$DATA" save_nifti=false figures=false logger=none hydra.run.dir="$OUT/test_${name}_matched"
+    paths.data_dir="$DATA" save_nifti=false figures=false logger=none fresh=true hydra.run.dir="$OUT/test_${name}_matched"
 }
 ssd() {
   learnsim-train +experiment=demo metric.normalise=false metric.energy.weight=1 callbacks=energy_ratio \

@@ -32,7 +32,8 @@ def is_rank_zero() -> bool:
 
 def cohort_settings(cfg: DictConfig) -> dict[str, Any]:
     """What a ``learnsim-test`` run's outputs depend on: the resolved config without :data:`_NOT_SETTINGS` (the
-    data folder kept), and the checkpoint's SHA-256 (a retrained file under the same name is another run)."""
+    data folder kept), the checkpoint's SHA-256 (a retrained file under the same name is another run) and, for a
+    matched baseline, the learnt run's precision and energy ratio (``matched_to`` evaluated again is another run)."""
     full = to_container(cfg)
     settings = {k: v for k, v in full.items() if k not in _NOT_SETTINGS}
     settings["data_dir"] = str((full.get("paths") or {}).get("data_dir"))
@@ -40,6 +41,10 @@ def cohort_settings(cfg: DictConfig) -> dict[str, Any]:
         settings["data"] = {k: v for k, v in data.items() if k not in ("num_workers", "data_dir")}
     if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
         settings["ckpt_sha256"] = sha256_file(cfg.ckpt)
+    if cfg.get("matched_to") and (Path(cfg.matched_to) / "per_pair.csv").is_file():
+        from learnsim.cli.test import matched_precision_of
+
+        settings["matched_precision"] = list(matched_precision_of(cfg.matched_to))  # the learnt run's, as it is now
     return settings
 
 
