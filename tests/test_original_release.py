@@ -467,3 +467,29 @@ def test_learnsim_register_with_an_original_metric_file(tmp_path):
                  "levels=1", "no_iters=2", "no_samples=2", "dims=16"]) == 0
     info = json.loads((out / "registration.json").read_text())
     assert info["q_v_levels"] == [2] and info["q_v_level_lr"] == [0.02]  # the paper's LCC rate (SSD: 0.01)
+
+
+def test_field_to_grid_keeps_the_map_in_world_space():
+    """A displacement carried to another grid moves every world point the same way: a linear field
+    ``u(x) = B x + c`` on the source grid, read on a permuted, flipped, rescaled target grid, is exact there."""
+    from learnsim.grid import Grid
+    from learnsim.network_registration import field_to_grid
+    from learnsim.spatial import identity_grid
+
+    src = Grid((12, 12, 12), np.diag([2.0, 2.0, 2.0, 1.0]))
+    tgt_aff = np.array([[0.0, -1.5, 0.0, 15.0], [1.5, 0.0, 0.0, 3.0], [0.0, 0.0, 1.5, 4.0], [0.0, 0.0, 0.0, 1.0]])
+    tgt = Grid((9, 10, 11), tgt_aff)
+    b, c = torch.tensor([[0.05, 0.0, 0.02], [0.0, -0.03, 0.0], [0.01, 0.0, 0.04]]), torch.tensor([0.5, -1.0, 0.25])
+    b, c = b.double(), c.double()
+    u_src = torch.einsum("ij,bjdhw->bidhw", b, identity_grid(src.shape, dtype=torch.float64)) + c.view(1, 3, 1, 1, 1)
+    u_tgt = field_to_grid(u_src, src, tgt)
+    # expected: world displacement A_src_lin u_src(y), y = A_src^-1 A_tgt x, in target voxels
+    x = identity_grid(tgt.shape, dtype=torch.float64)
+    m = torch.from_numpy(np.linalg.solve(src.affine, tgt.affine))
+    y = torch.einsum("ij,bjdhw->bidhw", m[:3, :3], x) + m[:3, 3].view(1, 3, 1, 1, 1)
+    u_y = torch.einsum("ij,bjdhw->bidhw", b, y) + c.view(1, 3, 1, 1, 1)
+    lin = torch.from_numpy(np.linalg.solve(tgt.affine[:3, :3], src.affine[:3, :3]))
+    expected = torch.einsum("ij,bjdhw->bidhw", lin, u_y)
+    inside = ((y >= 0) & (y <= 11)).all(dim=1, keepdim=True).expand_as(expected)  # border values beyond the grid
+    assert bool(inside.any())
+    torch.testing.assert_close(u_tgt[inside], expected[inside], atol=1e-9, rtol=1e-9)
