@@ -253,3 +253,31 @@ def test_learnsim_register_pairs_registers_a_cohort_and_resumes(phantom_cohort: 
     (foreign / "mine.txt").write_text("x")
     assert main(["--pairs", str(phantom_cohort / "train.csv"), "--out", str(foreign)]) == 1
     assert "is not a cohort run folder" in capsys.readouterr().err and (foreign / "mine.txt").is_file()
+
+
+@pytest.mark.slow
+def test_learnsim_test_command_on_two_cpu_processes_then_resumed_on_one(phantom_cohort: Path, tmp_path: Path) -> None:
+    """The command a user types: ``learnsim-test ... trainer=ddp_sim hydra.run.dir=DIR`` (Lightning starts the second
+    process by re-running the command) registers 3 pairs over 2 ranks; the same command on one process then skips
+    all 3 and rewrites the same tables."""
+    import subprocess
+    import sys
+
+    rows = (phantom_cohort / "train.csv").read_text().splitlines()
+    test_rows = (phantom_cohort / "test.csv").read_text().splitlines()
+    (phantom_cohort / "test.csv").write_text("\n".join([rows[0], *rows[1:], *test_rows[1:]]) + "\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "learnsim.cli.test", "+experiment=demo", "metric=ssd",
+           f"paths.data_dir={phantom_cohort}", "data.dims=16", "data.intensity=minmax", "logger=none",
+           "transformation.no_steps=3", "q_v.no_iters=3", "no_samples=2", "no_samples_uncertainty=3", "device=cpu",
+           "figures=false", "save_nifti=false", f"hydra.run.dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([*cmd, "trainer=ddp_sim"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "3/3 pairs done" in two.stdout and "2 processes" in two.stdout
+    table = (out / "per_pair.csv").read_bytes()
+    assert pd.read_csv(out / "per_pair.csv")["pair"].tolist() == ["s1", "s2", "s4"]
+    one = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "3 of 3 pairs already complete" in one.stdout and "learnsim-test: pair " not in one.stdout
+    assert (out / "per_pair.csv").read_bytes() == table
