@@ -123,7 +123,8 @@ def _run(argv: list[str]) -> int:
     fit = {k: v for k, v in kwargs.items() if k not in _NOT_FIT}
     build_registration(metric, torch.device("cpu"), **fit)  # a bad setting fails here, before any process starts
     n_samples = int(kwargs.get("no_samples", 5))
-    settings = {"pairs": str(Path(args.pairs).resolve()), "metric": str(metric), "overrides": kwargs,
+    settings = {"pairs": str(Path(args.pairs).resolve()), "metric": str(metric),
+                "overrides": {k: v for k, v in kwargs.items() if k != "device"},  # a resumed run may move device
                 "figures": not args.no_figures, "dims": list(dataset.dims)}
     if metric.endswith(".ckpt"):  # a retrained file under the same name is another run
         from learnsim.io import sha256_file
