@@ -8,8 +8,8 @@ Each run is one process (``python -m learnsim.cli.register``: loading, histogram
 the NIfTI maps, the figures and the summary, as a user runs it), timed from start to exit. The variants alternate
 within each pair and repeat (``--repeats``), so a machine that gets busier slows them alike; the table gives each
 variant's min / median / max seconds per pair over all runs, the median over pairs of each pair's median, mean DSC
-after registration (from each run's ``registration.json``: mean over the atlas' labels, on the fixed grid) and the
-folding voxels (det J <= 0 of the mean transformation). A variant is ``NAME[:key=value key=value ...]`` (overrides
+after registration (from each run's ``registration.json``: mean over the atlas' labels, on the fixed grid; and
+``dsc_sub_*``: learnsim-test's, the mean over the evaluated structures, ``learnsim.evaluation.metrics.STRUCTURES``) and the folding voxels (det J <= 0 of the mean transformation). A variant is ``NAME[:key=value key=value ...]`` (overrides
 of learnsim-register); ``--env NAME:KEY=VALUE`` sets an environment variable for that variant's runs only (e.g.
 ``PYTHONPATH`` of an older learnsim, to time it against this one). Writes ``runs.csv`` and ``summary.csv`` in
 ``--out``.
@@ -61,8 +61,34 @@ def _run_once(root: Path, row: dict, args: list[str], env: dict[str, str], out: 
     if done.returncode != 0:
         raise SystemExit(f"learnsim-register failed ({' '.join(cmd + args)}):\n{done.stderr[-2000:]}")
     info = json.loads((out / "registration.json").read_text())
+    before, after = _subcortical_dsc(root, row, out)
     return {"seconds": round(seconds, 2), "dsc_before": info.get("dsc_before"), "dsc_after": info.get("dsc_after"),
+            "dsc_sub_before": before, "dsc_sub_after": after,
             "folding_voxels": info.get("folding_voxels"), "fit_seconds": round(float(info.get("fit_seconds", 0)), 2)}
+
+
+def _subcortical_dsc(root: Path, row: dict, out: Path) -> tuple[float, float]:
+    """learnsim-test's DSC (mean over the evaluated structures, ``learnsim.evaluation.metrics.STRUCTURES``) before
+    and after, from the moving and the warped segmentation on the fixed grid (the demo's subjects share it)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from learnsim.evaluation.metrics import STRUCTURES, structure_metrics
+
+    fixed = np.asarray(nib.load(root / row["fixed_seg"]).dataobj).astype(np.int64)
+    moving = np.asarray(nib.load(root / row["moving_seg"]).dataobj).astype(np.int64)
+    warped = np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj).astype(np.int64)
+    if not fixed.shape == moving.shape == warped.shape:
+        return float("nan"), float("nan")
+    labels = [k for k in STRUCTURES if (moving == k).any()]
+
+    def mean(pred: np.ndarray) -> float:
+        res = structure_metrics(torch.from_numpy(pred), torch.from_numpy(fixed), labels, (1.0, 1.0, 1.0), surface=False)
+        vals = [r["dsc"] for r in res.values() if r["dsc"] == r["dsc"]]
+        return round(float(np.mean(vals)), 4)
+
+    return mean(moving), mean(warped)
 
 
 def _summary(runs: list[dict]) -> list[dict]:
@@ -79,6 +105,8 @@ def _summary(runs: list[dict]) -> list[dict]:
                                                           for rs in per_pair.values()),
             "dsc_before": round(statistics.mean(float(rs[0]["dsc_before"]) for rs in per_pair.values()), 4),
             "dsc_after": round(statistics.mean(float(r["dsc_after"]) for r in mine), 4),
+            "dsc_sub_before": round(statistics.mean(float(rs[0]["dsc_sub_before"]) for rs in per_pair.values()), 4),
+            "dsc_sub_after": round(statistics.mean(float(r["dsc_sub_after"]) for r in mine), 4),
             "dsc_after_per_pair": " / ".join(f"{statistics.mean(float(r['dsc_after']) for r in rs):.3f}"
                                             for rs in per_pair.values()),
             "folding_voxels": sum(int(r["folding_voxels"]) for r in mine),
