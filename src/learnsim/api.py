@@ -114,7 +114,10 @@ def load_metric(ckpt: str | os.PathLike, map_location: str | torch.device = "cpu
     line naming the file."""
     from learnsim.original_release import ReleaseKind, load_release, read_release_file, release_kind
 
-    kind = release_kind(read_release_file(ckpt, map_location))
+    try:
+        kind = release_kind(read_release_file(ckpt, map_location))
+    except ValueError:  # not a torch file at all: learnsim's own loader says so in its words
+        kind = None
     if kind is ReleaseKind.NETWORK:
         raise ValueError(f"{ckpt}: an original release VoxelMorph network, not a learnt metric (use learnsim.load_network)")
     if kind is not None:
