@@ -8,7 +8,9 @@
 #      cohort (the two side by side, one thread each) and evaluated on the 16 test pairs;
 #   3. the VoxelMorph LCC network (+experiment=vxm_demo_lcc, VXM_MINUTES minutes each, default 14) trained on each
 #      cohort, one after the other, and evaluated on the 16 test pairs;
-#   4. paired Wilcoxon tests over the test pairs (learnsim-compare) into $OUT/compare_{vb,vxm_lcc}.
+#   4. the ten-volume network again, stopped at the step count the three-volume one reached in its minutes (the
+#      same wall clock gives different step counts on a shared machine);
+#   5. paired Wilcoxon tests over the test pairs (learnsim-compare) into $OUT/compare_{vb,vxm_lcc,vxm_lcc_steps}.
 # Every heavy step runs under `flock $LOCK` (shared 2-core machine). Everything lands in $OUT (logs: $OUT/*.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ OUT="${LEARNSIM_COHORT_OUT:-runs/cohort24}"
 DATA="${LEARNSIM_COHORT_DATA:-$OUT/data}"
 LOCK="${LEARNSIM_LOCK:-/tmp/learnsim_heavy.lock}"
 MIN="${VXM_MINUTES:-14}"
-STEPS="${COHORT_STEPS:-vb vxm}"  # which training comparisons to (re)run; the other's results are reused
+STEPS="${COHORT_STEPS:-vb vxm vxm_matched}"  # which training comparisons to (re)run; the other's results are reused
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
 mkdir -p "$OUT"
 
@@ -39,13 +41,14 @@ vb() {  # vb COHORT: learn SSD's precision over the training pairs, evaluate on 
   OMP_NUM_THREADS=1 learnsim-test +experiment=demo_vb ckpt="$OUT/train_vb_$c/checkpoints/last.ckpt" \
     paths.data_dir="$DATA/$c" save_nifti=false name="vb_$c" hydra.run.dir="$OUT/test_vb_$c"
 }
-vxm() {  # vxm COHORT: train the VoxelMorph LCC network, evaluate its best checkpoint on the test pairs
-  local c=$1 grid=(paths.data_dir="$DATA/$c" data.dims=[64,64,64])
-  rm -rf "$OUT/train_vxm_lcc_$c" "$OUT/test_vxm_lcc_$c"
-  OMP_NUM_THREADS=2 learnsim-train +experiment=vxm_demo_lcc "${grid[@]}" trainer.max_time="00:00:$MIN:00" \
-    logger=csv hydra.run.dir="$OUT/train_vxm_lcc_$c"
-  OMP_NUM_THREADS=2 learnsim-test +experiment=vxm_demo_lcc ckpt="$OUT/train_vxm_lcc_$c/checkpoints/best.ckpt" \
-    "${grid[@]}" logger=none save_nifti=false name="vxm_lcc_$c" hydra.run.dir="$OUT/test_vxm_lcc_$c"
+vxm() {  # vxm COHORT [TAG TRAINER_ARGS...]: train the VoxelMorph LCC network, evaluate its best checkpoint
+  local c=$1 tag=${2:-} grid=(paths.data_dir="$DATA/$1" data.dims=[64,64,64])
+  shift; shift || true
+  rm -rf "$OUT/train_vxm_lcc_$c$tag" "$OUT/test_vxm_lcc_$c$tag"
+  OMP_NUM_THREADS=2 learnsim-train +experiment=vxm_demo_lcc "${grid[@]}" trainer.max_time="00:00:$MIN:00" "$@" \
+    logger=csv hydra.run.dir="$OUT/train_vxm_lcc_$c$tag"
+  OMP_NUM_THREADS=2 learnsim-test +experiment=vxm_demo_lcc ckpt="$OUT/train_vxm_lcc_$c$tag/checkpoints/best.ckpt" \
+    "${grid[@]}" logger=none save_nifti=false name="vxm_lcc_$c$tag" hydra.run.dir="$OUT/test_vxm_lcc_$c$tag"
 }
 export -f vb vxm
 export OUT DATA MIN
@@ -60,6 +63,17 @@ if [[ " $STEPS " == *" vxm "* ]]; then  # both networks under one hold of the lo
   flock "$LOCK" bash -c 'for c in three all; do s=$(date +%s); vxm $c > "$OUT/vxm_$c.log" 2>&1;
     echo "VoxelMorph LCC on $c: $(( $(date +%s) - s )) s"; done'
   echo "VoxelMorph LCC: both cohorts in $(( $(date +%s) - t0 )) s (waiting for the lock included)"
+fi
+
+if [[ " $STEPS " == *" vxm_matched "* ]]; then
+  # the same wall clock gave the two networks different step counts on a shared machine: train the ten-volume one
+  # again, stopped at the step count the three-volume one reached
+  n=$(python -c "import csv, glob, sys; f = glob.glob(sys.argv[1] + '/csv/*/metrics.csv')[0]
+print(max(int(r['step']) for r in csv.DictReader(open(f))) + 1)" "$OUT/train_vxm_lcc_three")
+  MIN=$((MIN + 2)) flock "$LOCK" bash -c "vxm all _steps trainer.max_steps=$n" > "$OUT/vxm_all_steps.log" 2>&1
+  echo "VoxelMorph LCC on all, stopped at $n steps: done"
+  learnsim-compare "$OUT/test_vxm_lcc_three" "$OUT/test_vxm_lcc_all_steps" --labels VXM_LCC_three \
+    VXM_LCC_all_same_steps --out "$OUT/compare_vxm_lcc_steps"
 fi
 
 learnsim-compare "$OUT/test_vb_three" "$OUT/test_vb_all" --labels VB_three VB_all --out "$OUT/compare_vb"
