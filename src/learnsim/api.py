@@ -276,7 +276,7 @@ def register(
             or ``"svffd"`` (B-spline SVF with ``cps`` voxels between control points).
         no_steps, int_downsize: squarings (or ``"auto"``) and integration grid factor (:mod:`~learnsim.fast_integration`).
         levels, level_iters, level_lr, no_iters, lr: the q_v schedule (lists coarsest level first), resolved by
-            :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels; LCC 200/50/15, SSD 200/100/50
+            :func:`register_schedule`: nothing given is :data:`learnsim.defaults.REGISTER` (3 levels; LCC 100/50/15, SSD 200/100/50
             steps); ``no_iters`` alone is one level of that many steps (the paper's: 1024 SSD / 1344 LCC); ``lr``
             sets every level's learning rate.
         w_reg: defaults to the paper's for the metric's energy (:data:`learnsim.defaults.PAPER`: SSD 1.8, LCC 2.8).

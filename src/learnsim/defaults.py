@@ -57,12 +57,12 @@ class RegisterSettings:
     data_weight: float
 
 
-#: LCC (the default metric): 200 / 50 / 15 steps, the finest at lr 0.1, chosen on 4 demo validation pairs at 128^3
+#: LCC (the default metric): 100 / 50 / 15 steps, the finest at lr 0.1, chosen on 4 demo validation pairs at 128^3
 #: (docs/speed.md, "learnsim-register in 30 seconds"): the same DSC as the earlier 200 / 100 / 50 at lr 0.05
 #: (``level_iters=200,100,50 level_lr=0.05,0.05,0.05`` gives it back) in half the time. SSD keeps 200 / 100 / 50.
 REGISTER: dict[EnergyKind, RegisterSettings] = {
     EnergyKind.SSD: RegisterSettings(3, (200, 100, 50), (0.05, 0.05, 0.05), data_weight=100.0),
-    EnergyKind.LCC: RegisterSettings(3, (200, 50, 15), (0.05, 0.05, 0.1), data_weight=10.0),
+    EnergyKind.LCC: RegisterSettings(3, (100, 50, 15), (0.05, 0.05, 0.1), data_weight=10.0),
 }
 
 #: the metric :func:`learnsim.register` / ``learnsim-register`` use when the caller names none: LCC registered the
