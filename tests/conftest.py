@@ -9,6 +9,28 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+_WARM_KERNELS = (
+    "import torch; from learnsim.api import register\n"
+    "f = torch.zeros(12, 12, 12); f[3:9, 3:9, 3:9] = 1; m = torch.roll(f, 1, 0)\n"
+    "for metric in ('ssd', 'lcc'):\n"
+    "    register(f, m, metric, level_iters=[2, 2], no_samples=2, device='cpu')\n"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _numba_kernels_cached_first() -> None:
+    """Compile and cache the numba kernels in a subprocess before this process uses them.
+
+    A kernel compiled in this process and the same kernel loaded from numba's cache by a spawned process (the
+    cohort tests' gloo ranks) were seen to give float results that differ in the last bits on a fresh checkout
+    (byte comparison of their outputs failed, then passed once the cache existed): with the cache written first,
+    every process runs the cached code.
+    """
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _WARM_KERNELS], check=False, capture_output=True, timeout=900)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
