@@ -267,7 +267,7 @@ def _main(argv: list[str] | None = None) -> int:
         _checkpoint_defaults(args.metric, kwargs)
 
     with profiling.profiling() if args.profile else contextlib.nullcontext() as prof:
-        line, res = _run(args, kwargs, out)
+        line = _run(args, kwargs, out)
     if prof is not None:
         import torch
 
@@ -279,8 +279,9 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _prefetch_output_modules() -> None:
-    """Import what the summary and the figures need (MONAI's metrics, matplotlib: ~3 s) in a thread while the fit
-    runs (the fit's kernels release the GIL); Python's import lock makes a later import wait for it."""
+    """Import what the summary and the figures need (matplotlib, pandas, scipy: ~1 s; MONAI is no longer among
+    them) in a thread while the fit runs (the fit's kernels release the GIL); Python's import lock makes a later
+    import wait for it."""
     import importlib
     import threading
 
@@ -292,8 +293,8 @@ def _prefetch_output_modules() -> None:
     threading.Thread(target=load, name="learnsim-prefetch", daemon=True).start()
 
 
-def _run(args: argparse.Namespace, kwargs: dict, out: Path) -> tuple[str, object]:
-    """Register, write the outputs, print what was done; returns the summary line and the result."""
+def _run(args: argparse.Namespace, kwargs: dict, out: Path) -> str:
+    """Register, write the outputs, print what was done; returns the summary line."""
     from learnsim.registration import FitProgress
 
     start = time.perf_counter()
@@ -314,7 +315,7 @@ def _run(args: argparse.Namespace, kwargs: dict, out: Path) -> tuple[str, object
         print(f"learnsim-register: data_weight=auto settled at {float(res.fit.precision.weight.mean()):.4g} "
               f"(registration.json: learnt_precision)")
     print(f"learnsim-register: wrote {out} (fit {res.fit.seconds:.1f} s)")
-    return line, res
+    return line
 
 
 def _write_maps(stage: Path, res) -> None:
